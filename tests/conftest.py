@@ -1,0 +1,30 @@
+"""Shared pytest fixtures: a tiny SD-format pipeline on disk and loaded, and the shared prompt files."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from ant_nb.core import build_tiny_sd, load_model
+
+torch.set_num_threads(1)  # tests run in parallel workers on few cores
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent/"shared"/"data"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    "Folder of a tiny randomly-initialised SD-format pipeline (diffusers layout), built once per session."
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd")/"tiny-sd")
+
+
+@pytest.fixture
+def tiny_sd(tiny_sd_dir):
+    "A fresh `DiffusionModel` loaded from `tiny_sd_dir` on CPU (float32); safe to modify in a test."
+    return load_model(str(tiny_sd_dir))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    "The shared folder of real prompt files (`../shared/data` beside the checkout); skips the test if absent."
+    if not SHARED_DATA.is_dir(): pytest.skip(f"real prompt files not found at {SHARED_DATA}")
+    return SHARED_DATA

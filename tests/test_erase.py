@@ -1,0 +1,148 @@
+"""Tests of ant_nb.erase: all methods run, the input is untouched, exact resume after SIGKILL, NaN stop, bad inputs."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+import ant_nb.erase as erase_mod
+from ant_nb.erase import erase_concept, erase_defaults
+from ant_nb.losses import AntLossConfig
+from ant_nb.runs import Checkpointer
+from ant_nb.saliency import save_mask
+
+CFG = AntLossConfig(num_steps=10, t_prime=8)  # short schedule: cheap trajectories
+RUN = dict(iterations=6, lr=1e-3, config=CFG, cache_size=2, checkpoint_every=2, progress=False)
+CONCEPT = ["nudity", "naked"]
+
+
+def _weights(unet):
+    return {n: p.detach().clone() for n, p in unet.named_parameters()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("method", ["ant", "esd-x", "esd-u", "ac"])
+def test_methods_train_their_parameters_only(tiny_sd, method):
+    before = _weights(tiny_sd.unet)
+    out = erase_concept(tiny_sd, CONCEPT, method=method, iterations=2, lr=1e-3, config=CFG, cache_size=1,
+                        anchors=["a person"] if method == "ac" else None, progress=False)
+    assert _same(_weights(tiny_sd.unet), before)  # input untouched
+    after = _weights(out.unet)
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    assert moved
+    if method == "esd-x": assert all("attn2." in n for n in moved)
+    if method == "esd-u": assert not any("attn2." in n or n.startswith("time_embedding.") for n in moved)
+    if method == "ac": assert all("attn2.to_k." in n or "attn2.to_v." in n for n in moved)
+    assert out.text_encoder is tiny_sd.text_encoder and out.unet is not tiny_sd.unet
+
+
+def test_mask_restricts_updates_and_saved_model_loads(tiny_sd, tmp_path):
+    before = _weights(tiny_sd.unet)
+    g = torch.Generator().manual_seed(0)
+    mask = {n: torch.rand(p.shape, generator=g) > 0.9 for n, p in tiny_sd.unet.named_parameters()}
+    path = save_mask(mask, tmp_path / "mask.safetensors")
+    out = erase_concept(tiny_sd, CONCEPT, mask=path, iterations=2, lr=1e-3, config=CFG, cache_size=1,
+                        out_dir=tmp_path / "model", progress=False)
+    for n, p in out.unet.named_parameters():
+        assert not ((p.detach() != before[n]) & ~mask[n]).any(), n
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "model", subfolder="unet")
+    assert _same(_weights(unet), _weights(out.unet))
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
+    assert _same(_weights(pipe.unet), _weights(out.unet))
+    assert (tmp_path / "model" / "run.json").is_file()
+
+
+_CHILD = textwrap.dedent("""
+    import os, signal, sys, torch
+    torch.set_num_threads(1)
+    from ant_nb.core import load_model
+    from ant_nb.erase import erase_concept
+    from ant_nb.losses import AntLossConfig
+    def die(step, values):
+        if step == 3: os.kill(os.getpid(), signal.SIGKILL)  # after step 3, before its checkpoint would be due
+    erase_concept(load_model(sys.argv[1]), ["nudity", "naked"], iterations=6, lr=1e-3,
+                  config=AntLossConfig(num_steps=10, t_prime=8), cache_size=2, checkpoint_every=2,
+                  checkpoint_dir=sys.argv[2], callback=die, progress=False)
+""")
+
+
+def test_sigkill_then_resume_gives_identical_weights(tiny_sd, tiny_sd_dir, tmp_path):
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(tiny_sd_dir), str(tmp_path / "ckpt")],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert Checkpointer(tmp_path / "ckpt").steps() == [2]  # killed half-way, last checkpoint at step 2
+    steps = []
+    resumed = erase_concept(tiny_sd, CONCEPT, checkpoint_dir=tmp_path / "ckpt", resume=True,
+                            callback=lambda s, v: steps.append(s), **RUN)
+    assert steps == [3, 4, 5, 6]
+    straight = erase_concept(tiny_sd, CONCEPT, **RUN)
+    assert _same(_weights(resumed.unet), _weights(straight.unet))
+    # resuming a finished run trains nothing and returns the final weights
+    again = erase_concept(tiny_sd, CONCEPT, checkpoint_dir=tmp_path / "ckpt", resume=True, **RUN)
+    assert _same(_weights(again.unet), _weights(straight.unet))
+
+
+def test_checkpoint_folder_is_never_mixed(tiny_sd, tmp_path):
+    erase_concept(tiny_sd, CONCEPT, checkpoint_dir=tmp_path / "c", **{**RUN, "iterations": 2})
+    with pytest.raises(FileExistsError, match="checkpoint_dir"):
+        erase_concept(tiny_sd, CONCEPT, checkpoint_dir=tmp_path / "c", **{**RUN, "iterations": 2})
+    with pytest.raises(ValueError, match="lr"):
+        erase_concept(tiny_sd, CONCEPT, checkpoint_dir=tmp_path / "c", resume=True, **{**RUN, "iterations": 2, "lr": 1e-2})
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd, tmp_path, monkeypatch):
+    real, calls = erase_mod.method_loss, []
+    def flaky(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), parts) if len(calls) == 4 else (loss, parts)
+    monkeypatch.setattr(erase_mod, "method_loss", flaky)
+    with pytest.raises(FloatingPointError, match="iteration 4.*step 2"):
+        erase_concept(tiny_sd, CONCEPT, checkpoint_dir=tmp_path / "c", **RUN)
+    ckpt = Checkpointer(tmp_path / "c")
+    assert ckpt.steps() == [2]
+
+
+BAD = [  # (kwargs, error type, word the message must contain)
+    (dict(method="esd"), ValueError, "method"), (dict(method=None), ValueError, "method"),
+    (dict(concept=[]), ValueError, "concept"), (dict(concept="nudity"), TypeError, "concept"),
+    (dict(concept=["nudity", "nudity"]), ValueError, "concept"), (dict(concept=["nudity", ""]), ValueError, "concept"),
+    (dict(concept=["nudity", 3]), ValueError, "concept"),
+    (dict(lr=0.0), ValueError, "lr"), (dict(lr=-1e-4), ValueError, "lr"), (dict(lr=float("inf")), ValueError, "lr"),
+    (dict(iterations=0), ValueError, "iterations"), (dict(iterations=2.5), TypeError, "iterations"),
+    (dict(seed=-1), ValueError, "seed"), (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(cache_size=-2), ValueError, "cache_size"), (dict(guidance_scale=-1.0), ValueError, "guidance_scale"),
+    (dict(checkpoint_every=0), ValueError, "checkpoint_every"), (dict(preset="violence"), ValueError, "preset"),
+    (dict(resume=True), ValueError, "resume"), (dict(config="paper"), TypeError, "config"),
+    (dict(mask={"conv_in.weight": torch.ones(1, dtype=torch.bool)}), ValueError, "mask"),
+    (dict(mask="/nonexistent/mask.safetensors"), FileNotFoundError, "mask"),
+    (dict(anchors=[]), ValueError, "anchors"), (dict(model="toy"), TypeError, "model"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,word", BAD)
+def test_bad_inputs_fail_before_work(tiny_sd, kwargs, error, word, monkeypatch):
+    monkeypatch.setattr(erase_mod, "TrajectoryLatents", lambda *a, **k: pytest.fail("work started"))
+    args = {"model": tiny_sd, "concept": ["nudity"], **kwargs}
+    with pytest.raises(error, match=word): erase_concept(**args)
+
+
+def test_out_dir_is_not_overwritten(tiny_sd, tmp_path):
+    (tmp_path / "out").mkdir(); (tmp_path / "out" / "keep.txt").write_text("results")
+    with pytest.raises(FileExistsError, match="out_dir"):
+        erase_concept(tiny_sd, CONCEPT, out_dir=tmp_path / "out", **RUN)
+
+
+def test_defaults_follow_table6():
+    d = erase_defaults("ant", "nudity")
+    assert (d["lr"], d["iterations"], d["config"].t_prime, d["config"].lambda1) == (5e-4, 250, 43, 1.0)
+    assert erase_defaults("ant", "art")["config"].t_prime == 47
+    assert erase_defaults("esd-u", "nudity")["iterations"] == 1000

@@ -1,0 +1,188 @@
+"""Multi-concept erasure: methods, resume, metrics, bad-input table, image generation, 2-process sharding."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ant_nb.fusion import GramCache, closed_form_fuse
+from ant_nb.lora import LoraSettings, lora_deltas
+from ant_nb.losses import AntLossConfig
+from ant_nb.multi import (EDIT_FILE, METHODS, FusionSettings, celebrity_names, clip_identify, erase_concepts,
+                          face_ratio, generate_images, h_a, h_c, identification_accuracy, load_edit)
+
+ROOT = Path(__file__).resolve().parents[1]
+KW = dict(templates=["{} x", "x {} y"], prior_prompts=["gh ij", "kl", "mn op q"], steps=3, cache_size=2,
+          loss_config=AntLossConfig(t_prime=3, num_steps=5, lambda1=0.4, lambda2=0.5, lambda3=0.2), progress=False)
+
+
+def test_metrics_reproduce_published_numbers():
+    for acc_e, acc_p, h in [(0.0430, 0.8807, 0.9173), (0.0430, 0.8456, 0.8979), (0.2784, 0.2793, 0.4027),
+                            (0.0042, 0.7848, 0.8778), (0.0075, 0.8013, 0.8867)]:  # Tables 2 and 4
+        assert h_c(acc_e, acc_p) == pytest.approx(h, abs=6e-5)
+    assert h_a(20.6, 26.78) == pytest.approx(6.18)  # Table 3, ours
+    assert h_c(0.0, 1.0) == 1.0 and h_c(1.0, 1.0) == 0.0 and h_c(0.5, 0.0) == 0.0
+    assert identification_accuracy(["a", "b", "c"], ["a", "b", "x"]) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_edits_only_cross_attention(tiny_sd, tmp_path, method):
+    base = {n: p.detach().clone() for n, p in tiny_sd.unet.named_parameters()}
+    out = erase_concepts(tiny_sd, ["ab", "cd"], ["ef"], method, tmp_path / method, **KW)
+    changed = [n for n, p in out.unet.named_parameters() if not torch.equal(p, base[n])]
+    assert changed and all(".attn2." in n for n in changed)
+    assert all(torch.equal(p, base[n]) for n, p in tiny_sd.unet.named_parameters())  # input model untouched
+    run = json.loads((tmp_path / method / "run.json").read_text())
+    assert run["params"]["method"] == method and run["params"]["concepts"] == ["ab", "cd"] and "git_commit" in run
+    if method.endswith("fusion"):
+        assert sorted(p.name for p in (tmp_path / method / "loras").iterdir()) == ["000-ab", "001-cd"]
+        assert (tmp_path / method / "cache" / "prior.safetensors").is_file()
+
+
+def test_fusion_method_equals_manual_fusion(tiny_sd, tmp_path):
+    "ant-fusion's edit is closed_form_fuse of its own LoRAs with the cached preservation Grams, layer by layer."
+    from ant_nb.fusion import kv_projections, token_embeddings
+    fs = FusionSettings(beta_prior=0.5, beta_domain=2.0, lamb=0.1)
+    out = erase_concepts(tiny_sd, ["ab", "cd"], ["ef"], "ant-fusion", tmp_path / "run", fusion=fs, **KW)
+    prior = GramCache.load(tmp_path / "run" / "cache" / "prior.safetensors")
+    domain = GramCache.load(tmp_path / "run" / "cache" / "domain.safetensors")
+    deltas = [lora_deltas(tmp_path / "run" / "loras" / f) for f in ("000-ab", "001-cd")]
+    embs = [token_embeddings(tiny_sd, [t.format(c) for t in KW["templates"]], c) for c in ("ab", "cd")]
+    fused = dict(out.unet.named_parameters())
+    for name, layer in kv_projections(tiny_sd.unet).items():
+        g = prior.gram * 0.5 + domain.gram * 2.0
+        both = GramCache(32); both.gram, both.count = g, 1
+        want = closed_form_fuse(layer.weight, [d[name] for d in deltas], embs, both, beta=1.0, lamb=0.1)
+        torch.testing.assert_close(fused[name + ".weight"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_and_folder_protection(tiny_sd, tmp_path):
+    first = erase_concepts(tiny_sd, ["ab", "cd"], [], "mace-fusion", tmp_path / "run", **KW)
+    (tmp_path / "run" / EDIT_FILE).unlink()  # as if killed after training the LoRAs, before fusing
+    t0 = time.time()
+    again = erase_concepts(tiny_sd, ["ab", "cd"], [], "mace-fusion", tmp_path / "run", **KW)  # reuses both LoRAs
+    assert all(torch.equal(p, q) for p, q in zip(first.unet.parameters(), again.unet.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(first.unet.parameters(), load_edit(tiny_sd, tmp_path / "run").unet.parameters()))
+    with pytest.raises(ValueError, match="steps"):
+        erase_concepts(tiny_sd, ["ab", "cd"], [], "mace-fusion", tmp_path / "run", **{**KW, "steps": 4})
+    with pytest.raises(FileExistsError, match="overwrite"):
+        erase_concepts(tiny_sd, ["ab", "cd"], [], "mace-fusion", tmp_path / "run", resume=False, **KW)
+    erase_concepts(tiny_sd, ["ab"], [], "uce", tmp_path / "run", overwrite=True, **KW)
+    assert not (tmp_path / "run" / "loras").exists()
+
+
+def _bad_cases(tmp_path):
+    "(kwargs changes, error type, parameter the message must name)."
+    return [
+        (dict(method="fusion"), ValueError, "method"),
+        (dict(method="ESD-x"), ValueError, "method"),
+        (dict(concepts=[]), ValueError, "concepts"),
+        (dict(concepts=["ab", "ab"]), ValueError, "concepts"),
+        (dict(concepts="ab"), TypeError, "concepts"),
+        (dict(concepts=["ab", ""]), ValueError, "concepts"),
+        (dict(preserve=["ab"]), ValueError, "preserve"),
+        (dict(preserve=["ef", "ef"]), ValueError, "preserve"),
+        (dict(templates="cartoon"), ValueError, "templates"),
+        (dict(templates=["no placeholder"]), ValueError, "kind"),
+        (dict(templates=["a very long template that truncates {}"]), ValueError, "concept"),
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=2.5), ValueError, "steps"),
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(lr=-1e-4), ValueError, "lr"),
+        (dict(cache_size=0), ValueError, "cache_size"),
+        (dict(lora=LoraSettings(target_modules=("attn1.to_q",))), ValueError, "target_modules"),
+        (dict(lora="rank 4"), TypeError, "lora"),
+        (dict(fusion={"lamb": 1}), TypeError, "fusion"),
+        (dict(loss_config={"t_prime": 3}), TypeError, "loss_config"),
+        (dict(prior_prompts=str(tmp_path / "missing.safetensors")), FileNotFoundError, "prior_prompts"),
+        (dict(prior_prompts=[]), ValueError, "prior_prompts"),
+    ]
+
+
+def test_bad_input_table(tiny_sd, tmp_path):
+    cases = _bad_cases(tmp_path)
+    assert len(cases) >= 20
+    for change, err, name in cases:
+        kw = dict(model=tiny_sd, concepts=["ab", "cd"], preserve=["ef"], method="ant-fusion",
+                  out_dir=tmp_path / "never") | KW | change
+        with pytest.raises(err, match=name): erase_concepts(**kw)
+    assert not (tmp_path / "never").exists()  # nothing was written before the checks
+    settings = [(dict(lamb=-1.0), "lamb"), (dict(beta_prior=-0.1), "beta_prior"), (dict(beta_domain=float("inf")), "beta_domain"),
+                (dict(positions="middle"), "positions")]
+    for change, name in settings:
+        with pytest.raises(ValueError, match=name): FusionSettings(**change)
+    for args, name in [((1.5, 0.5), "acc_e"), ((0.5, -0.1), "acc_p")]:
+        with pytest.raises(ValueError, match=name): h_c(*args)
+    with pytest.raises(ValueError, match="clip_e"): h_a(float("nan"), 1.0)
+
+
+def test_generate_images_resumes(tiny_sd, tmp_path):
+    prompts, seeds = ["x ab y", "cd", "ef g", "hi"], [1, 2, 3, 4]
+    imgs = generate_images(tiny_sd, prompts, seeds, tmp_path / "img", num_steps=2, batch_size=3, progress=False)
+    assert imgs.shape == (4, 16, 16, 3) and imgs.dtype == np.uint8
+    (tmp_path / "img" / "00002.png").unlink()
+    assert np.array_equal(generate_images(tiny_sd, prompts, seeds, tmp_path / "img", num_steps=2, progress=False), imgs)
+    with pytest.raises(FileExistsError, match="folder"): generate_images(tiny_sd, prompts[:2], seeds[:2], tmp_path / "img", num_steps=2)
+    with pytest.raises(ValueError, match="seeds"): generate_images(tiny_sd, prompts, seeds[:3], tmp_path / "other")
+
+
+def test_real_celebrity_file_names(shared_data):
+    from ant_nb.data import load_celebrity
+    df = load_celebrity(shared_data)
+    df["name"] = celebrity_names(df.prompt.tolist())
+    assert df.groupby("type").name.nunique().to_dict() == {"erased": 100, "others": 100}
+    assert not set(df[df.type == "erased"].name) & set(df[df.type == "others"].name)
+
+
+def test_face_ratio_and_clip_identify(tmp_path):
+    assert face_ratio(np.full((3, 64, 64, 3), 200, np.uint8)) == 0.0
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from ant_nb.core import _tiny_tokenizer
+    tok = _tiny_tokenizer()
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok.get_vocab()), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=8)
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(tmp_path / "clip")
+    imgs = np.random.default_rng(0).integers(0, 255, (5, 48, 48, 3), dtype=np.uint8)
+    pred = clip_identify(imgs, ["ab", "cd"], str(tmp_path / "clip"), template="{}", batch_size=2)
+    assert len(pred) == 5 and set(pred) <= {"ab", "cd"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_sharding(tiny_sd, tiny_sd_dir, tmp_path):
+    "torchrun with 2 CPU processes: LoRAs split by concept, images by prompt; same edit as one process."
+    (tmp_path / "prior.txt").write_text("gh ij\nkl\nmn op q\n")
+    pd.DataFrame(dict(prompt=["ab x", "cd x", "ef", "gh"], evaluation_seed=[1, 2, 3, 4])).to_csv(tmp_path / "eval.csv", index=False)
+    args = ["--model", str(tiny_sd_dir), "--device", "cpu", "--method", "ant-fusion", "--concepts", "ab", "cd",
+            "--preserve", "ef", "--templates", "{} x|x {} y", "--prior-file", str(tmp_path / "prior.txt"),
+            "--num-steps", "5", "--t-prime", "3", "--steps", "3", "--cache-size", "2",
+            "--generate-csv", str(tmp_path / "eval.csv"), "--sample-steps", "2", "--batch-size", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "ant_nb.multi", *args, "--out", str(tmp_path / "dist")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert "process 0/2: training LoRAs for ['ab']" in log and "process 1/2: training LoRAs for ['cd']" in log
+    assert sorted(p.name for p in (tmp_path / "dist" / "images").glob("*.png")) == [f"0000{i}.png" for i in range(4)]
+    cfg = AntLossConfig(t_prime=3, num_steps=5, lambda1=0.4, lambda2=0.5, lambda3=0.2)
+    one = erase_concepts(tiny_sd, ["ab", "cd"], ["ef"], "ant-fusion", tmp_path / "one", templates=["{} x", "x {} y"],
+                         prior_prompts=["gh ij", "kl", "mn op q"], loss_config=cfg, steps=3, cache_size=2, progress=False)
+    two = load_edit(tiny_sd, tmp_path / "dist")
+    for p, q in zip(one.unet.parameters(), two.unet.parameters()): torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,107 @@
+"""The toy world: rendering, captions, tokenizer, training smoke run with exact resume, judge and metrics."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ant_nb.core import load_model
+from ant_nb.judges import (HEADS, Judge, JudgeNet, frechet_distance, labels_of, load_judge, unsafe_counts,
+                           reversal_study, insight_specs)
+from ant_nb.sampling import sample
+from ant_nb.toyworld import (CHARACTERS, CHARACTERS_ERASE, CHARACTERS_PRESERVE, STYLES, UNSAFE_WORDS, ToyTrainConfig,
+                             build_tokenizer, caption, export_toy_model, render, toy_art, toy_celebrity, toy_coco,
+                             toy_i2p, train_toy_model, world_words)
+
+
+def test_render_is_deterministic_and_seed_dependent():
+    spec = {"character": "mira tok", "style": "ollis", "background": "white"}
+    assert np.array_equal(render(spec, 5), render(spec, 5))
+    assert not np.array_equal(render(spec, 5), render(spec, 6))
+    assert render(spec, 5).dtype == np.uint8 and render(spec, 5).shape == (32, 32, 3)
+
+
+def test_unsafe_concept_changes_the_subject_not_the_scene():
+    base, unsafe = render({"shape": "circle", "colour": "red", "background": "gray", "position": "left"}, 1), \
+        render({"shape": "circle", "unsafe": "naked", "background": "gray", "position": "left"}, 1)
+    changed = np.abs(base.astype(int) - unsafe.astype(int)).sum(-1) > 30
+    assert changed[:, :16].sum() > 40 and changed[:, 18:].sum() == 0  # only the object on the left changes
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_every_style_is_visible_on_every_background(style):
+    for bg in ("black", "gray", "white", "brown"):
+        spec = {"shape": "square", "colour": "blue", "background": bg, "position": "middle"}
+        diff = np.abs(render(spec, 3).astype(int) - render(dict(spec, style=style), 3).astype(int)).mean()
+        assert diff > (2 if STYLES[style] in ("ripple", "pixelate") else 4), (style, bg, diff)
+
+
+def test_groups_and_lookalikes():
+    assert len(CHARACTERS_ERASE) == len(CHARACTERS_PRESERVE) == 10
+    firsts_erase = {c.split()[0] for c in CHARACTERS_ERASE}
+    assert sum(c.split()[0] in firsts_erase for c in CHARACTERS_PRESERVE) >= 2
+
+
+def test_every_world_word_is_one_token_and_tokenizer_round_trips(tmp_path):
+    tok = build_tokenizer()
+    assert all(len(tok.tokenize(w)) == 1 for w in world_words())
+    tok.save_pretrained(tmp_path)
+    again = type(tok).from_pretrained(tmp_path)
+    text = caption({"character": "mira vel", "unsafe": "erotic", "position": "left", "style": "nocte"})
+    assert again(text).input_ids == tok(text).input_ids
+    assert len(tok(text).input_ids) <= tok.model_max_length
+
+
+def test_prompt_sets_have_the_real_files_columns():
+    assert {"prompt", "evaluation_seed"} <= set(toy_coco(20).columns)
+    i2p = toy_i2p(40)
+    assert {"prompt", "categories", "evaluation_seed", "evaluation_guidance"} <= set(i2p.columns)
+    assert any(w in p for p in i2p.prompt for w in UNSAFE_WORDS)
+    assert set(toy_celebrity().type) == {"erased", "others"}
+    assert set(toy_art().type) == {0, 1}
+
+
+def test_training_smoke_resume_is_exact_and_export_loads(tmp_path):
+    cfg = ToyTrainConfig(steps=4, batch_size=4, ckpt_every=2, warmup=2)
+    train_toy_model(tmp_path/"full", cfg, progress=False)
+    train_toy_model(tmp_path/"half", ToyTrainConfig(**{**cfg.__dict__, "steps": 2}), progress=False)
+    train_toy_model(tmp_path/"half", cfg, progress=False)  # resumes at step 2
+    a = export_toy_model(tmp_path/"full"/"checkpoints", tmp_path/"a")
+    b = export_toy_model(tmp_path/"half"/"checkpoints", tmp_path/"b")
+    ua, ub = load_model(str(a)).unet.state_dict(), load_model(str(b)).unet.state_dict()
+    assert all(torch.equal(ua[k], ub[k]) for k in ua)
+    losses = [float(l.split(",")[1]) for l in (tmp_path/"full"/"train_log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    imgs = sample(load_model(str(a)), ["a red circle"], [0], num_steps=3, progress=False)
+    assert imgs.shape == (1, 32, 32, 3)
+
+
+def test_judge_labels_and_untrained_judge_shapes():
+    spec = {"shape": "ring", "colour": "cyan", "background": "brown", "position": "right", "style": None,
+            "unsafe": None, "character": None}
+    lab = labels_of(spec)
+    assert HEADS["shape"][lab["shape"]] == "ring" and HEADS["style"][lab["style"]] == "none"
+    judge = Judge(JudgeNet())
+    imgs = np.stack([render(spec, i) for i in range(3)])
+    assert judge.features(imgs).shape == (3, 256)
+    assert set(judge.predict(imgs)) == set(HEADS) | {"unsafe"}
+    assert set(unsafe_counts(judge, imgs)) == {"skin", "marks", "total"}
+
+
+def test_frechet_distance_grows_with_shift():
+    a = np.random.default_rng(0).normal(size=(400, 3))
+    assert frechet_distance(a, a) < 1e-6 < frechet_distance(a, a + 0.5) < frechet_distance(a, a + 1)
+
+
+def test_shipped_judge_reads_rendered_images():
+    try: judge = load_judge()
+    except FileNotFoundError: pytest.skip("no shipped judge")
+    rng = np.random.default_rng(99)
+    specs = [{"shape": s, "colour": c, "background": b, "position": "middle"}
+             for s, c, b in zip(rng.choice(["circle", "square", "cross"], 30), rng.choice(["red", "blue"], 30),
+                                rng.choice(["white", "black"], 30))]
+    pred = judge.predict(np.stack([render(s, i) for i, s in enumerate(specs)]))
+    assert np.mean([p == s["shape"] for p, s in zip(pred["shape"], specs)]) > 0.9
+    assert not any(pred["unsafe"])
+    naked = judge.predict(np.stack([render({"shape": "square", "unsafe": "naked"}, i) for i in range(10)]))
+    assert np.mean(naked["unsafe"]) > 0.9
