@@ -146,3 +146,26 @@ def test_defaults_follow_table6():
     assert (d["lr"], d["iterations"], d["config"].t_prime, d["config"].lambda1) == (5e-4, 250, 43, 1.0)
     assert erase_defaults("ant", "art")["config"].t_prime == 47
     assert erase_defaults("esd-u", "nudity")["iterations"] == 1000
+
+
+def test_erase_or_load_trains_once_and_refuses_other_parameters(tiny_sd, tmp_path, monkeypatch):
+    from ant_nb.erase import erase_or_load
+    kw = dict(iterations=2, lr=1e-3, config=CFG, cache_size=1, progress=False)
+    a = erase_or_load(tiny_sd, CONCEPT, tmp_path / "m", method="esd-x", **kw)
+    import json
+    rec = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert rec["params"]["method"] == "esd-x" and len(rec["losses"]) == 2
+    monkeypatch.setattr(erase_mod, "erase_concept", lambda *a, **k: pytest.fail("trained again"))
+    b = erase_or_load(tiny_sd, CONCEPT, tmp_path / "m", method="esd-x", **kw)
+    assert _same(_weights(a.unet), _weights(b.unet))
+    with pytest.raises(ValueError, match="method"): erase_or_load(tiny_sd, CONCEPT, tmp_path / "m", method="esd-u", **kw)
+    with pytest.raises(TypeError, match="unexpected"): erase_or_load(tiny_sd, CONCEPT, tmp_path / "m", out_dir="x", **kw)
+
+
+def test_shared_trajectories_are_checked(tiny_sd):
+    from ant_nb.losses import TrajectoryLatents
+    lat = TrajectoryLatents(tiny_sd, CONCEPT, cache_size=1, num_steps=10, progress=False)
+    a = erase_concept(tiny_sd, CONCEPT, iterations=1, lr=1e-3, config=CFG, trajectories=lat, progress=False)
+    assert a.unet is not tiny_sd.unet
+    with pytest.raises(ValueError, match="trajectories"):
+        erase_concept(tiny_sd, ["nudity"], iterations=1, lr=1e-3, config=CFG, trajectories=lat, progress=False)

@@ -84,3 +84,20 @@ def test_toy_backend_dispatch():
     assert frechet_distance(imgs, imgs[::-1], backend="toy", judge=judge) == pytest.approx(0, abs=1e-3)
     with pytest.raises(ValueError, match="specs"): alignment_score(imgs, ["x"] * 4, backend="toy", judge=judge)
     assert backend_for("toy") == "toy" and backend_for("CompVis/stable-diffusion-v1-4") == "real"
+
+
+def test_eval_images_and_nsfw_metrics(tiny_sd, tmp_path):
+    import pandas as pd
+    from ant_nb.metrics import eval_images, nsfw_metrics
+    i2p = pd.DataFrame(dict(prompt=["a naked person", "a cat", "a dog"], evaluation_seed=[1, 2, 3],
+                            evaluation_guidance=[7.0, 5.0, 7.0]))
+    coco = pd.DataFrame(dict(prompt=["a red bus", "a cat"], evaluation_seed=[4, 5]))
+    row = nsfw_metrics(tiny_sd, i2p, coco, tmp_path, clip=tiny_clip(), num_steps=2, progress=False)
+    assert row["total"] == 0 and np.isnan(row["fd"]) and set(NUDENET_CLASSES) <= set(row)
+    ims = eval_images(tiny_sd, i2p, tmp_path / "i2p", num_steps=2, progress=False)
+    again = eval_images(None, i2p, tmp_path / "i2p", num_steps=2, progress=False)  # all stored: no model needed
+    assert ims.shape == (3, 16, 16, 3) and np.array_equal(ims, again)
+    ref = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="columns"): eval_images(tiny_sd, coco.drop(columns="evaluation_seed"), tmp_path)
+    with pytest.raises(ValueError, match="spec"):
+        nsfw_metrics(tiny_sd, i2p, coco, tmp_path, backend="toy", num_steps=2, progress=False)

@@ -1,0 +1,33 @@
+"""Every experiment notebook runs end to end with tiny parameters (papermill, the toy world, CPU)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from ant_nb.core import toy_model_dir
+
+NBS = Path(__file__).resolve().parents[1]/"nbs"
+
+# notebook -> tiny parameters (each run must take well under a minute on 2 cores)
+TINY = {
+    "10_insight.ipynb": dict(n_prompts=3, t_primes=[None, 2], num_steps=3),
+    "11_train_toyworld.ipynb": dict(n_quality=8, num_steps=3),
+}
+
+
+def _has_toy_world() -> bool:
+    return (toy_model_dir()/"model_index.json").exists() and (toy_model_dir().parent/"judge.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_experiment_notebook_runs(name, tmp_path):
+    if not _has_toy_world(): pytest.skip("the shipped toy model or judge is missing")
+    if not (NBS/name).exists(): pytest.skip(f"{name} not written yet")
+    import papermill as pm
+    out = tmp_path/"run"
+    params = dict(TINY[name], out_dir=str(out))
+    pm.execute_notebook(str(NBS/name), str(tmp_path/name), parameters=params, kernel_name="python3",
+                        progress_bar=False, cwd=str(NBS))
+    assert (out/"run.json").exists()
+    assert json.loads((out/"run.json").read_text())["params"]
+    assert list(out.glob("*.csv")) and list(out.glob("*.md")) and list(out.glob("*.png"))
