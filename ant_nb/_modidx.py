@@ -316,5 +316,6 @@ d = { 'settings': { 'branch': 'main',
                                  'ant_nb.toyworld.toy_coco': ('toyworld.html#toy_coco', 'ant_nb/toyworld.py'),
                                  'ant_nb.toyworld.toy_i2p': ('toyworld.html#toy_i2p', 'ant_nb/toyworld.py'),
                                  'ant_nb.toyworld.train_toy_model': ('toyworld.html#train_toy_model', 'ant_nb/toyworld.py'),
+                                 'ant_nb.toyworld.training_hours': ('toyworld.html#training_hours', 'ant_nb/toyworld.py'),
                                  'ant_nb.toyworld.world_batch': ('toyworld.html#world_batch', 'ant_nb/toyworld.py'),
                                  'ant_nb.toyworld.world_words': ('toyworld.html#world_words', 'ant_nb/toyworld.py')}}}

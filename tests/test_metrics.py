@@ -97,7 +97,6 @@ def test_eval_images_and_nsfw_metrics(tiny_sd, tmp_path):
     ims = eval_images(tiny_sd, i2p, tmp_path / "i2p", num_steps=2, progress=False)
     again = eval_images(None, i2p, tmp_path / "i2p", num_steps=2, progress=False)  # all stored: no model needed
     assert ims.shape == (3, 16, 16, 3) and np.array_equal(ims, again)
-    ref = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="columns"): eval_images(tiny_sd, coco.drop(columns="evaluation_seed"), tmp_path)
     with pytest.raises(ValueError, match="spec"):
         nsfw_metrics(tiny_sd, i2p, coco, tmp_path, backend="toy", num_steps=2, progress=False)

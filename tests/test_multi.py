@@ -186,3 +186,35 @@ def test_two_process_sharding(tiny_sd, tiny_sd_dir, tmp_path):
                          prior_prompts=["gh ij", "kl", "mn op q"], loss_config=cfg, steps=3, cache_size=2, progress=False)
     two = load_edit(tiny_sd, tmp_path / "dist")
     for p, q in zip(one.unet.parameters(), two.unet.parameters()): torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_tables_and_scores(tiny_sd, tmp_path, shared_data):
+    "Both benchmarks' tables in one layout, and the scores computed from images with an untrained judge."
+    from ant_nb.judges import Judge, JudgeNet
+    from ant_nb.multi import concept_scores, evaluate, experiment_settings, experiment_table, lookalikes, prior_scores, prior_table
+    real = experiment_table("celebrity", "real", shared_data, per_concept=2)
+    assert len(real) == 400 and real.groupby("group").concept.nunique().to_dict() == {"erased": 100, "preserved": 100}
+    art = experiment_table("art", "real", shared_data, per_concept=None)
+    assert len(art) == 5000 and set(art.group) == {"erased", "preserved"}
+    toy = experiment_table("celebrity")
+    assert lookalikes(toy[toy.group == "erased"].concept.unique().tolist(),
+                      toy[toy.group == "preserved"].concept.unique().tolist())
+    torch.manual_seed(0)
+    judge = Judge(JudgeNet())
+    rng = np.random.default_rng(0)
+    s = concept_scores(rng.integers(0, 255, (len(toy), 32, 32, 3), dtype=np.uint8), toy, "celebrity", judge=judge)
+    assert set(s) == {"acc_e", "acc_p", "h_c", "face_ratio"} and all(0 <= v <= 1 for v in s.values())
+    ta = experiment_table("art", per_concept=1)
+    s = concept_scores(rng.integers(0, 255, (len(ta), 32, 32, 3), dtype=np.uint8), ta, "art", judge=judge)
+    assert s["h_a"] == pytest.approx(s["clip_p"] - s["clip_e"])
+    pt = prior_table(n=6)
+    s = prior_scores(rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8), pt, judge=judge)
+    assert s["frechet"] >= 0 and 0 <= s["alignment"] <= 100
+    with pytest.raises(ValueError, match="table rows"): concept_scores(rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8), toy, "celebrity", judge=judge)
+    with pytest.raises(ValueError, match="kind"): concept_scores(None, toy, "nudity")
+    with pytest.raises(ValueError, match="experiment settings"): experiment_settings("art", lr_per_step=1.0)
+    # the real path end to end on the tiny model: evaluate() with CLIP identification and the Haar cascade
+    from ant_nb.metrics import tiny_clip
+    small = pd.DataFrame(dict(group=["erased", "preserved"], concept=["ab", "cd"], prompt=["ab x", "cd x"], evaluation_seed=[1, 2]))
+    row, imgs = evaluate(tiny_sd, tmp_path / "ev", small, "celebrity", backend="real", clip=tiny_clip(), num_steps=2, progress=False)
+    assert imgs.shape == (2, 16, 16, 3) and set(row) == {"acc_e", "acc_p", "h_c", "face_ratio"}
