@@ -160,6 +160,8 @@ def test_erase_or_load_trains_once_and_refuses_other_parameters(tiny_sd, tmp_pat
     assert _same(_weights(a.unet), _weights(b.unet))
     with pytest.raises(ValueError, match="method"): erase_or_load(tiny_sd, CONCEPT, tmp_path / "m", method="esd-u", **kw)
     with pytest.raises(TypeError, match="unexpected"): erase_or_load(tiny_sd, CONCEPT, tmp_path / "m", out_dir="x", **kw)
+    with torch.no_grad(): tiny_sd.unet.conv_in.bias.add_(1e-3)  # "the same model", retrained: never reused
+    with pytest.raises(ValueError, match="model"): erase_or_load(tiny_sd, CONCEPT, tmp_path / "m", method="esd-x", **kw)
 
 
 def test_shared_trajectories_are_checked(tiny_sd):
@@ -169,3 +171,9 @@ def test_shared_trajectories_are_checked(tiny_sd):
     assert a.unet is not tiny_sd.unet
     with pytest.raises(ValueError, match="trajectories"):
         erase_concept(tiny_sd, ["nudity"], iterations=1, lr=1e-3, config=CFG, trajectories=lat, progress=False)
+
+
+def test_half_precision_model_trains_a_float32_copy(tiny_sd):
+    tiny_sd.unet.to(torch.bfloat16)  # as a float16 model on a GPU; bfloat16 runs on CPU
+    out = erase_concept(tiny_sd, CONCEPT, iterations=1, lr=1e-3, config=CFG, cache_size=1, progress=False)
+    assert out.unet.dtype == torch.float32 and tiny_sd.unet.dtype == torch.bfloat16

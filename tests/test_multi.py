@@ -16,7 +16,7 @@ from ant_nb.fusion import GramCache, closed_form_fuse
 from ant_nb.lora import LoraSettings, lora_deltas
 from ant_nb.losses import AntLossConfig
 from ant_nb.multi import (EDIT_FILE, METHODS, FusionSettings, celebrity_names, clip_identify, erase_concepts,
-                          face_ratio, generate_images, h_a, h_c, identification_accuracy, load_edit)
+                          face_ratio, h_a, h_c, identification_accuracy, load_edit)
 
 ROOT = Path(__file__).resolve().parents[1]
 KW = dict(templates=["{} x", "x {} y"], prior_prompts=["gh ij", "kl", "mn op q"], steps=3, cache_size=2,
@@ -35,12 +35,13 @@ def test_metrics_reproduce_published_numbers():
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_edits_only_cross_attention(tiny_sd, tmp_path, method):
     base = {n: p.detach().clone() for n, p in tiny_sd.unet.named_parameters()}
-    out = erase_concepts(tiny_sd, ["ab", "cd"], ["ef"], method, tmp_path / method, **KW)
+    out = erase_concepts(tiny_sd, ["ab", "cd"], ["ef"], method, tmp_path / method, lr={"esd-x": 2e-5}, **KW)
     changed = [n for n, p in out.unet.named_parameters() if not torch.equal(p, base[n])]
     assert changed and all(".attn2." in n for n in changed)
     assert all(torch.equal(p, base[n]) for n, p in tiny_sd.unet.named_parameters())  # input model untouched
     run = json.loads((tmp_path / method / "run.json").read_text())
     assert run["params"]["method"] == method and run["params"]["concepts"] == ["ab", "cd"] and "git_commit" in run
+    assert run["params"]["lr"] == (2e-5 if method == "esd-x" else 5e-4)  # {method: lr}, else the method's default
     if method.endswith("fusion"):
         assert sorted(p.name for p in (tmp_path / method / "loras").iterdir()) == ["000-ab", "001-cd"]
         assert (tmp_path / method / "cache" / "prior.safetensors").is_file()
@@ -123,16 +124,6 @@ def test_bad_input_table(tiny_sd, tmp_path):
     with pytest.raises(ValueError, match="clip_e"): h_a(float("nan"), 1.0)
 
 
-def test_generate_images_resumes(tiny_sd, tmp_path):
-    prompts, seeds = ["x ab y", "cd", "ef g", "hi"], [1, 2, 3, 4]
-    imgs = generate_images(tiny_sd, prompts, seeds, tmp_path / "img", num_steps=2, batch_size=3, progress=False)
-    assert imgs.shape == (4, 16, 16, 3) and imgs.dtype == np.uint8
-    (tmp_path / "img" / "00002.png").unlink()
-    assert np.array_equal(generate_images(tiny_sd, prompts, seeds, tmp_path / "img", num_steps=2, progress=False), imgs)
-    with pytest.raises(FileExistsError, match="folder"): generate_images(tiny_sd, prompts[:2], seeds[:2], tmp_path / "img", num_steps=2)
-    with pytest.raises(ValueError, match="seeds"): generate_images(tiny_sd, prompts, seeds[:3], tmp_path / "other")
-
-
 def test_real_celebrity_file_names(shared_data):
     from ant_nb.data import load_celebrity
     df = load_celebrity(shared_data)
@@ -143,18 +134,9 @@ def test_real_celebrity_file_names(shared_data):
 
 def test_face_ratio_and_clip_identify(tmp_path):
     assert face_ratio(np.full((3, 64, 64, 3), 200, np.uint8)) == 0.0
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-    from ant_nb.core import _tiny_tokenizer
-    tok = _tiny_tokenizer()
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok.get_vocab()), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=32, patch_size=8), projection_dim=8)
-    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tok).save_pretrained(tmp_path / "clip")
+    from ant_nb.metrics import tiny_clip
     imgs = np.random.default_rng(0).integers(0, 255, (5, 48, 48, 3), dtype=np.uint8)
-    pred = clip_identify(imgs, ["ab", "cd"], str(tmp_path / "clip"), template="{}", batch_size=2)
+    pred = clip_identify(imgs, ["ab", "cd"], tiny_clip(), template="{}", batch_size=2)
     assert len(pred) == 5 and set(pred) <= {"ab", "cd"}
 
 
@@ -180,7 +162,8 @@ def test_two_process_sharding(tiny_sd, tiny_sd_dir, tmp_path):
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     assert "process 0/2: training LoRAs for ['ab']" in log and "process 1/2: training LoRAs for ['cd']" in log
-    assert sorted(p.name for p in (tmp_path / "dist" / "images").glob("*.png")) == [f"0000{i}.png" for i in range(4)]
+    from ant_nb.sampling import load_images
+    assert load_images(tmp_path / "dist" / "images").shape == (4, 16, 16, 3)
     cfg = AntLossConfig(t_prime=3, num_steps=5, lambda1=0.4, lambda2=0.5, lambda3=0.2)
     one = erase_concepts(tiny_sd, ["ab", "cd"], ["ef"], "ant-fusion", tmp_path / "one", templates=["{} x", "x {} y"],
                          prior_prompts=["gh ij", "kl", "mn op q"], loss_config=cfg, steps=3, cache_size=2, progress=False)
@@ -218,3 +201,14 @@ def test_evaluation_tables_and_scores(tiny_sd, tmp_path, shared_data):
     small = pd.DataFrame(dict(group=["erased", "preserved"], concept=["ab", "cd"], prompt=["ab x", "cd x"], evaluation_seed=[1, 2]))
     row, imgs = evaluate(tiny_sd, tmp_path / "ev", small, "celebrity", backend="real", clip=tiny_clip(), num_steps=2, progress=False)
     assert imgs.shape == (2, 16, 16, 3) and set(row) == {"acc_e", "acc_p", "h_c", "face_ratio"}
+    # another model's images in the same folder: an error, unless overwrite=True replaces them
+    import copy
+    from ant_nb.core import with_unet
+    other = copy.deepcopy(tiny_sd.unet)
+    with torch.no_grad(): next(other.parameters()).add_(0.1)
+    other = with_unet(tiny_sd, other)
+    with pytest.raises(ValueError, match="folder"):
+        evaluate(other, tmp_path / "ev", small, "celebrity", backend="real", clip=tiny_clip(), num_steps=2, progress=False)
+    _, imgs2 = evaluate(other, tmp_path / "ev", small, "celebrity", backend="real", clip=tiny_clip(), num_steps=2,
+                        overwrite=True, progress=False)
+    assert not np.array_equal(imgs, imgs2)
