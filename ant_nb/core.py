@@ -113,18 +113,18 @@ def load_model(source: str, # "toy", a local diffusers folder, or a hub id such 
                device: str | torch.device = "cpu", # "cpu", "cuda", "cuda:N" or "mps"
                dtype: torch.dtype | str | None = None, # None: float32 on CPU, float16 on CUDA
               ) -> DiffusionModel:
-    "Load a model's components in eval mode on `device`; text encoder and VAE frozen, UNet left trainable."
+    "Load a model's components (safetensors weights only) in eval mode on `device`; text encoder and VAE frozen."
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise TypeError(f"source={source!r} must be 'toy', a folder path or a hub id (a non-empty string)")
     source = os.fspath(source)
     dev = check_device(device)
     dt = _resolve_dtype(dtype, dev)
     location, is_local = _locate(source)
-    unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dt)
-    text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=dt)
+    unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dt, use_safetensors=True)
+    text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=dt, use_safetensors=True)
     tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
     scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(location, subfolder="scheduler"))
-    vae = (AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dt)
+    vae = (AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dt, use_safetensors=True)
            if _has_vae(location, is_local) else None)
     for m in (unet, text_encoder, vae):
         if m is not None: m.to(dev).eval()

@@ -545,7 +545,8 @@ def experiment_settings(kind: str, # "celebrity" or "art"
     toy = preset == "toy"
     s = dict(source="toy" if toy else "real", backend="toy" if toy else "real",
              templates=("toy-character" if kind == "celebrity" else "toy-style") if toy else kind,
-             loss_config=paper_config(kind), steps=20 if toy else 50, lr={"esd-x": 1e-4} if toy else None, rank=4,
+             loss_config=paper_config(kind), steps=20 if toy else 50, lr={"esd-x": 1e-4, "ant-fusion": 5e-3, "mace-fusion": 5e-3} if toy else None, rank=4,
+             # toy LoRA lr 5e-3: at 5e-4, 20 steps left the LoRAs near zero (every method equal to the base model)
              cache_size=2 if toy else 16, # toy: sized so that each experiment notebook runs in ~10 min on 2 CPU cores
              per_concept=2 if toy else None, n_prior=16 if toy else 1000, num_steps=20 if toy else 50,
              guidance_scale=5.0 if toy else 7.5, batch_size=64 if toy else 16,

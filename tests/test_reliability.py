@@ -312,8 +312,6 @@ def _bin_unet_model(tiny_sd_dir, tmp_path) -> Path:
     return folder
 
 
-@pytest.mark.xfail(strict=True, reason="gap: ant_nb.core.load_model loads pickled .bin weights (diffusers falls back to "
-                                       "'unsafe serialization'); pass use_safetensors=True to from_pretrained")
 def test_load_model_refuses_pickled_weights(tiny_sd_dir, tmp_path):
     with pytest.raises((ValueError, OSError, EnvironmentError)):
         load_model(str(_bin_unet_model(tiny_sd_dir, tmp_path)))
