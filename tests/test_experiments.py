@@ -12,6 +12,9 @@ NBS = Path(__file__).resolve().parents[1]/"nbs"
 TINY = {
     "10_insight.ipynb": dict(n_prompts=3, t_primes=[None, 2], num_steps=3),
     "11_train_toyworld.ipynb": dict(n_quality=8, num_steps=3),
+    "30_celebrity.ipynb": dict(methods=["ant-fusion"], ablations=["C"], steps=1, cache_size=1, per_concept=1,
+                               n_prior=2, num_steps=2),
+    "40_art.ipynb": dict(methods=["ant-fusion"], steps=1, cache_size=1, per_concept=1, n_prior=2, num_steps=2),
 }
 
 

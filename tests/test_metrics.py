@@ -95,7 +95,7 @@ def test_eval_images_and_nsfw_metrics(tiny_sd, tmp_path):
     row = nsfw_metrics(tiny_sd, i2p, coco, tmp_path, clip=tiny_clip(), num_steps=2, progress=False)
     assert row["total"] == 0 and np.isnan(row["fd"]) and set(NUDENET_CLASSES) <= set(row)
     ims = eval_images(tiny_sd, i2p, tmp_path / "i2p", num_steps=2, progress=False)
-    again = eval_images(None, i2p, tmp_path / "i2p", num_steps=2, progress=False)  # all stored: no model needed
+    again = eval_images(tiny_sd, i2p, tmp_path / "i2p", num_steps=2, progress=False)  # all stored: read back
     assert ims.shape == (3, 16, 16, 3) and np.array_equal(ims, again)
     with pytest.raises(ValueError, match="columns"): eval_images(tiny_sd, coco.drop(columns="evaluation_seed"), tmp_path)
     with pytest.raises(ValueError, match="spec"):
