@@ -23,10 +23,11 @@ def _has_toy_world() -> bool:
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_experiment_notebook_runs(name, tmp_path):
+def test_experiment_notebook_runs(name, tmp_path, monkeypatch):
     if not _has_toy_world(): pytest.skip("the shipped toy model or judge is missing")
     if not (NBS/name).exists(): pytest.skip(f"{name} not written yet")
     import papermill as pm
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch: 2 threads on 2 busy cores oversubscribe badly
     out = tmp_path/"run"
     params = dict(TINY[name], out_dir=str(out))
     pm.execute_notebook(str(NBS/name), str(tmp_path/name), parameters=params, kernel_name="python3",
