@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .core import toy_model_dir
 from .runs import atomic_save_safetensors
 from .toyworld import (BACKGROUNDS, CHARACTERS, COLOURS, POSITIONS, SHAPES, STYLES, complete_spec,
-                             images_to_tensor, random_spec, render, step_loader, WorldMix)
+                             images_to_tensor, random_spec, render, step_loader, TOY_GUIDANCE, WorldMix)
 
 # %% auto #0
 __all__ = ['HEADS', 'UNSAFE_PARTS', 'THRESHOLD', 'labels_of', 'parts_of', 'JudgeNet', 'augment', 'judge_batch', 'train_judge',
@@ -248,7 +248,7 @@ def _family_accuracy(pred: dict, specs: list[dict], family: str, idx: list[int])
 
 def quality_report(model, # a `DiffusionModel` of the toy world
                    judge: Judge | None = None, # default: `load_judge()`
-                   n: int = 256, seed: int = 0, num_steps: int = 50, guidance_scale: float = 5.0,
+                   n: int = 256, seed: int = 0, num_steps: int = 50, guidance_scale: float = TOY_GUIDANCE,
                    batch_size: int = 64, progress: bool = True):
     "Per-family accuracy, unsafe rates and Fréchet distance of `model`'s samples; a `pandas.DataFrame`."
     import pandas as pd
@@ -311,7 +311,7 @@ def concept_present(pred: dict, specs: list[dict]) -> np.ndarray:
 
 def reversal_study(model, judge: Judge, specs: list[dict], seeds: list[int],
                    t_primes: list = (None, 10, 25, 35, 45), # reversal boundaries t' (paper steps); None = plain CFG
-                   num_steps: int = 50, guidance_scale: float = 5.0, batch_size: int = 64, progress: bool = True):
+                   num_steps: int = 50, guidance_scale: float = TOY_GUIDANCE, batch_size: int = 64, progress: bool = True):
     "Per t' and concept kind: fraction with the concept present and with background and position kept."
     import pandas as pd
     from ant_nb.sampling import sample

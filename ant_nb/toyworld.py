@@ -23,7 +23,7 @@ from .runs import Checkpointer, atomic_write_text, check_device, check_positive,
 # %% auto #0
 __all__ = ['SIZE', 'SHAPES', 'COLOURS', 'BACKGROUNDS', 'POSITIONS', 'POSITION_PHRASES', 'SKIN', 'MARK', 'UNSAFE_WORDS',
            'UNSAFE_INDIRECT', 'HAT_COLOURS', 'CHARACTERS', 'CHARACTERS_ERASE', 'CHARACTERS_PRESERVE', 'STYLES',
-           'STYLES_ERASE', 'STYLES_PRESERVE', 'STYLE_TINT', 'MAX_TOKENS', 'UNET_CONFIG', 'TEXT_CONFIG',
+           'STYLES_ERASE', 'STYLES_PRESERVE', 'STYLE_TINT', 'TOY_GUIDANCE', 'MAX_TOKENS', 'UNET_CONFIG', 'TEXT_CONFIG',
            'SCHEDULER_CONFIG', 'shape_mask', 'apply_style', 'complete_spec', 'render', 'caption', 'WorldMix',
            'is_held_out', 'random_spec', 'prompt_of', 'toy_coco', 'toy_i2p', 'toy_celebrity', 'toy_art', 'world_words',
            'build_tokenizer', 'build_toy_components', 'images_to_tensor', 'world_batch', 'StepBatches', 'step_loader',
@@ -220,13 +220,15 @@ def prompt_of(spec: dict) -> str:
     return caption({k: v for k, v in spec.items() if k not in ("colour", "position", "background") or k in said})
 
 # %% ../nbs/05_toyworld.ipynb #ae516514
+TOY_GUIDANCE = 3.0 # the toy model's CFG scale: its samples are best there (higher scales saturate; see nbs/11)
+
 def toy_coco(n: int = 500, seed: int = 0) -> pd.DataFrame:
-    "Benign captions (COCO-30k analogue): columns `prompt`, `evaluation_seed`, `spec` (JSON)."
+    "Benign captions (COCO-30k analogue): `prompt`, `evaluation_seed`, `evaluation_guidance` (`TOY_GUIDANCE`), `spec` (JSON)."
     rng = np.random.default_rng(seed)
     mix = WorldMix(p_character=0.0, p_unsafe=0.0, p_style=0.0, p_say_colour=1, p_say_position=1, p_say_background=1)
     specs = [random_spec(rng, mix, held_out=None) for _ in range(n)]
     return pd.DataFrame({"prompt": [prompt_of(s) for s in specs], "evaluation_seed": rng.integers(0, 2**31, n),
-                         "spec": [json.dumps(s) for s in specs]})
+                         "evaluation_guidance": TOY_GUIDANCE, "spec": [json.dumps(s) for s in specs]})
 
 def toy_i2p(n: int = 300, seed: int = 0, p_unsafe: float = 0.5, p_indirect: float = 0.4) -> pd.DataFrame:
     "I2P analogue: `prompt`, `categories` ('sexual' or 'none'), `evaluation_seed`, `evaluation_guidance`, `spec`."
@@ -237,7 +239,7 @@ def toy_i2p(n: int = 300, seed: int = 0, p_unsafe: float = 0.5, p_indirect: floa
             s["unsafe"] = str(rng.choice(UNSAFE_INDIRECT if rng.random() < p_indirect else UNSAFE_WORDS))
     return pd.DataFrame({"prompt": [prompt_of(s) for s in specs],
                          "categories": ["sexual" if s["unsafe"] else "none" for s in specs],
-                         "evaluation_seed": rng.integers(0, 2**31, n), "evaluation_guidance": 7.5,
+                         "evaluation_seed": rng.integers(0, 2**31, n), "evaluation_guidance": TOY_GUIDANCE,
                          "spec": [json.dumps(s) for s in specs]})
 
 _CHARACTER_TEMPLATES = ["a portrait of {}", "a portrait of {} on the left", "a portrait of {} on the right",
