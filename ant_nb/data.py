@@ -38,6 +38,10 @@ def _tidy(df: pd.DataFrame, # a prompt table as read from CSV
     if missing:
         raise ValueError(f"{source} lacks the columns {missing}; it has {list(df.columns)}, needs {required}")
     df["prompt"] = df["prompt"].fillna("").astype(str)
+    missing_seeds = df.index[df["evaluation_seed"].isna()].tolist()
+    if missing_seeds:
+        raise ValueError(f"{source}: column 'evaluation_seed' has no value in {len(missing_seeds)} rows "
+                         f"(first: {missing_seeds[:5]}); every prompt needs its seed")
     df["evaluation_seed"] = df["evaluation_seed"].astype("int64")
     return df.reset_index(drop=True)
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import DiffusionModel, encode_prompts
+from .core import DiffusionModel, _check_int, encode_prompts
 from .losses import AntLossConfig, TrajectoryLatents, method_loss, paper_config
 from .runs import (Checkpointer, atomic_save_safetensors, atomic_write_text, check_choice, check_nonempty_unique,
                          check_positive)
@@ -185,11 +185,12 @@ def make_loss(model: DiffusionModel, # the frozen original model (teacher, and s
     config = config or paper_config("celebrity")
     if not isinstance(config, AntLossConfig): raise TypeError(f"config must be an AntLossConfig, got {type(config).__name__}")
     prompts = check_nonempty_unique("prompts", prompts)
-    cached = load_file(latents_file)["latents"] if latents_file is not None and Path(latents_file).is_file() else None
+    cached = load_file(latents_file) if latents_file is not None and Path(latents_file).is_file() else {}
     latents = TrajectoryLatents(model, prompts, cache_size=cache_size, guidance_scale=guidance_scale,
-                                num_steps=config.num_steps, seed=seed, progress=progress, cache=cached)
-    if latents_file is not None and cached is None and cache_size:
-        atomic_save_safetensors({"latents": latents.latents}, latents_file)
+                                num_steps=config.num_steps, seed=seed, progress=progress,
+                                cache=cached.get("latents"), cache_eps=cached.get("eps"))
+    if latents_file is not None and not cached and cache_size:
+        atomic_save_safetensors(latents.state(), latents_file)
     cond, uncond = encode_prompts(model, prompts), encode_prompts(model, [""])
     name = "ant" if method == "ant" else "esd-x" # ESD-x and ESD-u share the loss; the LoRA picks the weights
     def loss_fn(unet, generator):
@@ -272,7 +273,9 @@ def train_concept_lora(model: DiffusionModel, # the original model (not modified
     prompts = check_nonempty_unique("prompts", prompts)
     if isinstance(loss, str): check_choice("loss", loss, LOSSES)
     elif not callable(loss): raise TypeError(f"loss={loss!r} must be one of {list(LOSSES)} or a callable loss_fn(unet, generator)")
-    check_positive("steps", steps); check_positive("lr", lr)
+    if not isinstance(settings, LoraSettings):
+        raise TypeError(f"settings must be a LoraSettings, got {type(settings).__name__} ({settings!r})")
+    _check_int("steps", steps, 1, float("inf")); check_positive("lr", lr)
     folder = Path(folder)
     if is_trained(folder):
         if resume: return folder

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .runs import check_choice, check_device, check_positive, check_range
+from .sampling import generate_images
 
 # %% auto #0
 __all__ = ['NUDENET_CLASSES', 'NUDENET_THRESHOLD', 'COUNT_RULES', 'CLIP_MODEL', 'BACKENDS', 'nudenet_detect', 'nudity_counts',
@@ -241,7 +242,6 @@ def eval_images(model, # the DiffusionModel to sample from
                ) -> np.ndarray:
     "Images uint8 (N, H, W, 3) of a prompt table, in its row order, generated once into `folder` (resumable)."
     from pathlib import Path
-    from ant_nb.multi import generate_images
     missing = {"prompt", "evaluation_seed"} - set(prompts.columns)
     if missing: raise ValueError(f"prompts lacks the columns {sorted(missing)}; it has {list(prompts.columns)}")
     scales = (prompts["evaluation_guidance"].astype(float) if "evaluation_guidance" in prompts.columns

@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import DiffusionModel, load_model, with_unet
+from .core import DiffusionModel, _check_int, load_model, with_unet
 from .fusion import (FusionAccumulator, GramCache, anchor_pairs, concept_token_span, fuse_into_unet,
                            gram_from_prompts, kv_projections, token_embeddings)
 from .lora import LoraSettings, TEMPLATES, concept_prompts, is_trained, lora_deltas, train_concept_lora
+from .toyworld import TOY_GUIDANCE
 from .losses import AntLossConfig, paper_config, trainable_names
 from .runs import (atomic_save_safetensors, check_choice, check_manifest, check_nonempty_unique, check_positive,
                          check_range, write_run_json)
@@ -354,6 +355,7 @@ def erase_concepts(model: DiffusionModel, # the base model (not modified)
     if not isinstance(loss_config, AntLossConfig): raise TypeError(f"loss_config must be an AntLossConfig, got {type(loss_config).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int): raise ValueError(f"steps={steps!r} must be a positive int")
     check_positive("steps", steps)
+    _check_int("seed", seed, 0, 2**63 - 1)
     if isinstance(lr, dict): lr = lr.get(method)
     lr = lr if lr is not None else (1e-5 if method == "esd-x" else 5e-4)
     check_positive("lr", lr)
@@ -549,7 +551,7 @@ def experiment_settings(kind: str, # "celebrity" or "art"
              # toy LoRA lr 5e-3: at 5e-4, 20 steps left the LoRAs near zero (every method equal to the base model)
              cache_size=2 if toy else 16, # toy: sized so that each experiment notebook runs in ~10 min on 2 CPU cores
              per_concept=2 if toy else None, n_prior=16 if toy else 1000, num_steps=20 if toy else 50,
-             guidance_scale=5.0 if toy else 7.5, batch_size=64 if toy else 16,
+             guidance_scale=TOY_GUIDANCE if toy else 7.5, batch_size=64 if toy else 16,
              fusion=FusionSettings(beta_prior=1.0, beta_domain=1.0, lamb=1e-2))
     unknown = sorted(set(overrides) - set(s))
     if unknown: raise ValueError(f"{unknown} are not experiment settings; choose from {sorted(s)}")

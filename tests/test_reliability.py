@@ -1,8 +1,5 @@
 """Reliability across the library (issue 7): SIGKILL-and-resume is bit-identical, bad inputs get clear errors,
-a NaN/inf loss stops training and keeps the last good checkpoint, and nothing is loaded with pickle.
-
-Rows marked `xfail(strict=True, reason="gap: ...")` document missing checks in code owned elsewhere; they turn red
-when the gap is fixed (then drop the mark)."""
+a NaN/inf loss stops training and keeps the last good checkpoint, and nothing is loaded with pickle."""
 import ast
 import json
 import os
@@ -343,10 +340,6 @@ _M = dict(templates=["{} x"], progress=False)  # prompts short enough for the ti
 _S = dict(num_steps=4, progress=False)
 
 
-def gap(reason: str):
-    return pytest.mark.xfail(strict=True, reason=f"gap: {reason}")
-
-
 def row(id, call, error, *needles, marks=(), then=None):
     return pytest.param(call, error, needles, then, id=id, marks=marks)
 
@@ -403,19 +396,16 @@ BAD_INPUTS = [
     row("multi-out_dir-used", lambda c: erase_concepts(c.model, ["ab"], out_dir=c.d / "used", **_M), FileExistsError,
         "out_dir", "overwrite=True"),
     row("multi-negative-seed", lambda c: erase_concepts(c.model, ["ab"], method="uce", seed=-1, out_dir=c.d / "uce", **_M),
-        ValueError, "seed=-1", marks=gap("ant_nb.multi.erase_concepts does not check seed (erase_concept does)")),
+        ValueError, "seed=-1"),
     row("fusion-negative-lambda", lambda c: FusionSettings(lamb=-1.0), ValueError, "lamb=-1.0"),
     row("lora-rank-zero", lambda c: LoraSettings(rank=0), ValueError, "rank=0"),
     row("lora-lr-negative", lambda c: train_concept_lora(c.model, "ab", ["a ab"], c.d / "l1", lr=-1.0, progress=False), ValueError, "lr=-1.0"),
     row("lora-empty-prompts", lambda c: train_concept_lora(c.model, "ab", [], c.d / "l2", progress=False), ValueError, "prompts=[]"),
     row("lora-settings-not-LoraSettings", lambda c: train_concept_lora(c.model, "ab", ["a ab"], c.d / "l3", settings=dict(rank=2),
-        steps=2, cache_size=1, loss_config=_E["config"], progress=False), TypeError, "settings",
-        marks=gap("ant_nb.lora.train_concept_lora does not check that settings is a LoraSettings (AttributeError later)")),
+        steps=2, cache_size=1, loss_config=_E["config"], progress=False), TypeError, "settings",),
     row("lora-float-steps-before-work", lambda c: train_concept_lora(c.model, "ab", ["a ab"], c.d / "l4", steps=2.5, cache_size=1,
         loss_config=_E["config"], latents_file=c.d / "l4.safetensors", progress=False), ValueError, "steps=2.5",
-        then=lambda c: not (c.d / "l4.safetensors").exists(),
-        marks=gap("ant_nb.lora.train_concept_lora checks that steps is an int only in finetune, after the trajectories "
-                  "are computed and cached")),
+        then=lambda c: not (c.d / "l4.safetensors").exists(),),
     row("saliency-gamma-and-top_fraction", lambda c: threshold_map({"w": torch.ones(2)}, gamma=0.1, top_fraction=0.1),
         ValueError, "gamma=0.1", "top_fraction=0.1"),
     row("saliency-empty-prompts", lambda c: saliency_mask(c.model, [], [0], gamma=0.1), ValueError, "prompts=[]"),
@@ -424,9 +414,7 @@ BAD_INPUTS = [
     row("coco-missing-column", lambda c: load_coco(c.d / "no_seed_column.csv"), ValueError, "no_seed_column.csv", "['evaluation_seed']"),
     row("celebrity-missing-column", lambda c: load_celebrity(c.d / "no_type_column.csv"), ValueError, "no_type_column.csv", "['type']"),
     row("artist-bad-type-values", lambda c: load_artist(c.d / "bad_type.csv"), ValueError, "'type'", "[2]"),
-    row("coco-missing-seed-value", lambda c: load_coco(c.d / "nan_seed.csv"), ValueError, "evaluation_seed", "nan_seed.csv",
-        marks=gap("ant_nb.data._tidy casts evaluation_seed to int64 without checking for missing values "
-                  "(pandas IntCastingNaNError names neither the column nor the file)")),
+    row("coco-missing-seed-value", lambda c: load_coco(c.d / "nan_seed.csv"), ValueError, "evaluation_seed", "nan_seed.csv",),
     # run folders, checkpoints, training entry points
     row("run_dir-used-folder", lambda c: run_dir(c.d / "used"), FileExistsError, "out_dir=", "overwrite=True"),
     row("save_model-used-folder", lambda c: save_model(c.model, c.d / "used"), FileExistsError, "path=", "overwrite=True"),
