@@ -9,7 +9,7 @@ saliency-masked subset; optimizer states only for tensors holding active weights
 
 Usage (≤ 5 min on an H200): python tests/bench/gpu_sd_step.py --iters 30
 CPU smoke run: python tests/bench/gpu_sd_step.py --tiny --iters 2
-Writes outputs/bench/sd14_step_<device>.csv.
+Writes outputs/bench/sd14_step_<device>_<dtype>_b<batch>[_ckpt][_mask<f>].csv (and .md).
 """
 import argparse
 import copy
@@ -101,7 +101,8 @@ def main():
                iters_per_second=1 / sec, unet_calls_per_iter=calls[0] / args.iters,
                max_memory_allocated_gb=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None)
     df = pd.DataFrame([row])
-    name = f"sd14_step_{'tiny' if args.tiny else dev}"
+    name = (f"sd14_step_{'tiny' if args.tiny else dev}_{args.dtype}_b{args.batch}" + ("_ckpt" if args.grad_ckpt else "")
+            + (f"_mask{args.mask_fraction:g}" if args.mask_fraction is not None else ""))
     save_table(df, project_path(args.out), name)
     print(df.to_string(index=False))
 
