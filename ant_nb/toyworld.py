@@ -220,7 +220,7 @@ def prompt_of(spec: dict) -> str:
     return caption({k: v for k, v in spec.items() if k not in ("colour", "position", "background") or k in said})
 
 # %% ../nbs/05_toyworld.ipynb #ae516514
-TOY_GUIDANCE = 3.0 # the toy model's CFG scale: its samples are best there (higher scales saturate; see nbs/11)
+TOY_GUIDANCE = 2.5 # the toy model's CFG scale: 1.5-2.5 sample equally well, 3 and above saturate (outputs/toyworld)
 
 def toy_coco(n: int = 500, seed: int = 0) -> pd.DataFrame:
     "Benign captions (COCO-30k analogue): `prompt`, `evaluation_seed`, `evaluation_guidance` (`TOY_GUIDANCE`), `spec` (JSON)."

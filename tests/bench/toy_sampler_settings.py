@@ -1,10 +1,10 @@
 """Does a sampler setting fix the toy model's background and position? The quality report under several settings.
 
 Runs `ant_nb.judges.quality_report` (held-out prompt combinations, `--n` samples) on the shipped toy model with the
-default DDIM sampler (50 steps, guidance `TOY_GUIDANCE`) and with one change at a time: lower guidance, 100 steps,
+default DDIM sampler (50 steps, guidance `TOY_GUIDANCE`) and with one change at a time: other guidance, 100 steps,
 "trailing" timestep spacing (starts at t = 999), and no clipping of the predicted clean image.
 
-Usage: python tests/bench/toy_sampler_settings.py [--n 64]
+Usage: python tests/bench/toy_sampler_settings.py [--n 128]
 Writes outputs/toyworld/sampler_settings.csv / .md (one row per setting, one column per metric).
 """
 import argparse
@@ -20,6 +20,8 @@ from ant_nb.toyworld import TOY_GUIDANCE
 SETTINGS = {  # name: (quality_report keywords, scheduler config changes)
     f"default (DDIM 50, guidance {TOY_GUIDANCE:g})": ({}, {}),
     "guidance 1.5": (dict(guidance_scale=1.5), {}),
+    "guidance 2": (dict(guidance_scale=2.0), {}),
+    "guidance 3": (dict(guidance_scale=3.0), {}),
     "DDIM 100 steps": (dict(num_steps=100), {}),
     "trailing timestep spacing": ({}, dict(timestep_spacing="trailing")),
     "no clipping of x0": ({}, dict(clip_sample=False)),
@@ -28,7 +30,7 @@ SETTINGS = {  # name: (quality_report keywords, scheduler config changes)
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="outputs/toyworld")
     args = ap.parse_args()
