@@ -16,13 +16,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .core import DiffusionModel, encode_prompts, load_model, save_model, with_unet
 from .losses import (METHODS, PAPER_TABLE6, AntLossConfig, TrajectoryLatents, method_loss, paper_config,
                            trainable_names)
-from .runs import (Checkpointer, atomic_save_safetensors, atomic_write_text, check_choice, check_nonempty_unique,
+from .runs import (Checkpointer, atomic_write_text, check_choice, check_nonempty_unique,
                          check_positive, check_range, run_dir, write_run_json)
 from .saliency import check_mask, count_active, load_mask, mask_gradients, masked_parameters, unet_fingerprint
 
@@ -203,14 +202,9 @@ def _check_trajectories(lat: TrajectoryLatents, prompts: list[str], config: AntL
 
 def _latents(model, prompts, cache_size, guidance_scale, config, seed, ckpt, progress) -> TrajectoryLatents:
     "The trajectory source; its cache is saved beside the checkpoints, and read back from there when present."
-    path = None if ckpt is None else ckpt.directory / "trajectories.safetensors"
-    if path is not None and path.exists() and cache_size:
-        saved = load_file(path)
-        return TrajectoryLatents(model, prompts, cache_size, guidance_scale, config.num_steps, seed,
-                                 cache=saved["latents"], cache_eps=saved.get("eps"))
-    lat = TrajectoryLatents(model, prompts, cache_size, guidance_scale, config.num_steps, seed, progress=progress)
-    if path is not None and cache_size: atomic_save_safetensors(lat.state(), path)
-    return lat
+    return TrajectoryLatents.from_file(None if ckpt is None else ckpt.directory / "trajectories.safetensors", model,
+                                       prompts, cache_size=cache_size, guidance_scale=guidance_scale,
+                                       num_steps=config.num_steps, seed=seed, progress=progress)
 
 def _non_finite(loss: torch.Tensor, i: int, ckpt: Checkpointer | None):
     "Raise `FloatingPointError` for a non-finite loss at iteration `i`, naming the last good checkpoint."

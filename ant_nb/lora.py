@@ -12,19 +12,18 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .core import DiffusionModel, _check_int, encode_prompts
 from .losses import AntLossConfig, TrajectoryLatents, method_loss, paper_config
-from .runs import (Checkpointer, atomic_save_safetensors, atomic_write_text, check_choice, check_nonempty_unique,
+from .runs import (Checkpointer, atomic_write_text, check_choice, check_nonempty_unique,
                          check_positive)
 
 # %% auto #0
@@ -185,12 +184,9 @@ def make_loss(model: DiffusionModel, # the frozen original model (teacher, and s
     config = config or paper_config("celebrity")
     if not isinstance(config, AntLossConfig): raise TypeError(f"config must be an AntLossConfig, got {type(config).__name__}")
     prompts = check_nonempty_unique("prompts", prompts)
-    cached = load_file(latents_file) if latents_file is not None and Path(latents_file).is_file() else {}
-    latents = TrajectoryLatents(model, prompts, cache_size=cache_size, guidance_scale=guidance_scale,
-                                num_steps=config.num_steps, seed=seed, progress=progress,
-                                cache=cached.get("latents"), cache_eps=cached.get("eps"))
-    if latents_file is not None and not cached and cache_size:
-        atomic_save_safetensors(latents.state(), latents_file)
+    latents = TrajectoryLatents.from_file(latents_file, model, prompts, cache_size=cache_size,
+                                          guidance_scale=guidance_scale, num_steps=config.num_steps, seed=seed,
+                                          progress=progress)
     cond, uncond = encode_prompts(model, prompts), encode_prompts(model, [""])
     name = "ant" if method == "ant" else "esd-x" # ESD-x and ESD-u share the loss; the LoRA picks the weights
     def loss_fn(unet, generator):

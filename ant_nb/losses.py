@@ -6,14 +6,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .core import DiffusionModel, encode_prompts, paper_timesteps
-from .runs import check_choice, check_nonempty_unique, check_positive, check_range
+from .runs import atomic_save_safetensors, check_choice, check_nonempty_unique, check_positive, check_range
 from .sampling import trajectory
 
 # %% auto #0
@@ -287,7 +289,7 @@ class TrajectoryLatents:
             k = torch.arange(i, min(i + batch_size, self.cache_size))
             out = self._run(self.prompt_index(k), noise[k], steps)
             zs.append(torch.stack([out[t][0] for t in steps], 1))
-            eps.append(torch.stack([torch.stack(out[t][1:], 1) for t in steps], 1))
+            if self.record_eps: eps.append(torch.stack([torch.stack(out[t][1:], 1) for t in steps], 1))
         return torch.cat(zs), torch.cat(eps) if self.record_eps else None
 
     def set_cache(self, latents: torch.Tensor, # (K, T, C, H, W), e.g. loaded from a checkpoint
@@ -305,6 +307,19 @@ class TrajectoryLatents:
     def state(self) -> dict[str, torch.Tensor]:
         "The cache as tensors to save with safetensors (`latents`, and `eps` when recorded); `set_cache` reads them back."
         return {"latents": self.latents} | ({"eps": self.eps} if self.eps is not None else {})
+
+    @classmethod
+    def from_file(cls, file: str | Path | None, # safetensors written by `state()`; None: no file
+                  model: DiffusionModel, prompts: Sequence[str], **kwargs, # as for `TrajectoryLatents(...)`
+                 ) -> "TrajectoryLatents":
+        "Trajectories read from `file` when it exists, else run and written there (files only when `cache_size` > 0)."
+        lat = cls(model, prompts, **kwargs)
+        if file is None or not lat.cache_size: return lat
+        if Path(file).is_file():
+            saved = load_file(file)
+            lat.set_cache(saved["latents"], saved.get("eps"))
+        else: atomic_save_safetensors(lat.state(), file)
+        return lat
 
     def draw(self, steps: Sequence[torch.Tensor], # one LongTensor (n,) of paper steps per latent wanted
              generator: torch.Generator, # CPU generator all draws come from

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .runs import check_choice, check_device, check_positive, check_range
+from .runs import check_choice, check_device, check_range
 from .sampling import generate_images
 
 # %% auto #0

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import nn
 
 from .core import DiffusionModel, _check_int, load_model, with_unet
 from .fusion import (FusionAccumulator, GramCache, anchor_pairs, concept_token_span, fuse_into_unet,
@@ -353,9 +352,7 @@ def erase_concepts(model: DiffusionModel, # the base model (not modified)
     if method in _FUSION_METHODS: _check_lora_targets(model.unet, lora)
     if loss_config is None: loss_config = paper_config("celebrity")
     if not isinstance(loss_config, AntLossConfig): raise TypeError(f"loss_config must be an AntLossConfig, got {type(loss_config).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int): raise ValueError(f"steps={steps!r} must be a positive int")
-    check_positive("steps", steps)
-    _check_int("seed", seed, 0, 2**63 - 1)
+    _check_int("steps", steps, 1, float("inf")); _check_int("seed", seed, 0, 2**63 - 1)
     if isinstance(lr, dict): lr = lr.get(method)
     lr = lr if lr is not None else (1e-5 if method == "esd-x" else 5e-4)
     check_positive("lr", lr)

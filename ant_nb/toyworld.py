@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -461,7 +460,6 @@ def export_toy_model(checkpoints: str | Path, # a `checkpoints/` folder written 
                      ema: bool = True, # export the EMA weights (recommended) rather than the raw ones
                     ) -> Path:
     "Write the newest checkpoint's weights as a diffusers folder that `ant_nb.core.load_model` loads."
-    from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
     ck = Checkpointer(checkpoints)
     if not ck.steps(): raise FileNotFoundError(f"checkpoints={str(checkpoints)!r} holds no checkpoint")

@@ -1,10 +1,8 @@
 """Tests of ant_nb.erase: all methods run, the input is untouched, exact resume after SIGKILL, NaN stop, bad inputs."""
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest

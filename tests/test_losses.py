@@ -230,6 +230,10 @@ def test_saved_cache_round_trip(tiny_sd, tmp_path):
     back = TrajectoryLatents(tiny_sd, ["nudity"], cache_size=2, num_steps=T, cache=saved["latents"],
                              cache_eps=saved["eps"])
     torch.testing.assert_close(back.eps, lat.eps)
+    written = TrajectoryLatents.from_file(tmp_path/"f.safetensors", tiny_sd, ["nudity"], cache_size=2, num_steps=T)
+    read = TrajectoryLatents.from_file(tmp_path/"f.safetensors", tiny_sd, ["nudity"], cache_size=2, num_steps=T)
+    torch.testing.assert_close(read.latents, written.latents)
+    torch.testing.assert_close(read.eps, written.eps)
     old = TrajectoryLatents(tiny_sd, ["nudity"], cache_size=2, num_steps=T, cache=saved["latents"])  # older files
     assert old.eps is None
     with pytest.raises(ValueError, match="eps"):
