@@ -1,4 +1,5 @@
 """Tests of ant_nb.erase: all methods run, the input is untouched, exact resume after SIGKILL, NaN stop, bad inputs."""
+import json
 import signal
 import subprocess
 import sys
@@ -11,10 +12,12 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 import ant_nb.erase as erase_mod
 from ant_nb.core import load_model
-from ant_nb.erase import erase_concept, erase_defaults
+from ant_nb.erase import erase_concept, erase_defaults, erase_or_load
 from ant_nb.losses import AntLossConfig
-from ant_nb.runs import Checkpointer
+from ant_nb.runs import LOCK_FILE
+from ant_nb.train import Checkpointer
 from ant_nb.saliency import save_mask
+from _locks import held_by_another_process
 
 CFG = AntLossConfig(num_steps=10, t_prime=8)  # short schedule: cheap trajectories
 RUN = dict(iterations=6, lr=1e-3, config=CFG, cache_size=2, checkpoint_every=2, progress=False)
@@ -117,7 +120,7 @@ BAD = [  # (kwargs, error type, word the message must contain)
     (dict(concept=["nudity", "nudity"]), ValueError, "concept"), (dict(concept=["nudity", ""]), ValueError, "concept"),
     (dict(concept=["nudity", 3]), ValueError, "concept"),
     (dict(lr=0.0), ValueError, "lr"), (dict(lr=-1e-4), ValueError, "lr"), (dict(lr=float("inf")), ValueError, "lr"),
-    (dict(iterations=0), ValueError, "iterations"), (dict(iterations=2.5), TypeError, "iterations"),
+    (dict(iterations=0), ValueError, "iterations"), (dict(iterations=2.5), ValueError, "iterations"),
     (dict(seed=-1), ValueError, "seed"), (dict(batch_size=0), ValueError, "batch_size"),
     (dict(cache_size=-2), ValueError, "cache_size"), (dict(guidance_scale=-1.0), ValueError, "guidance_scale"),
     (dict(checkpoint_every=0), ValueError, "checkpoint_every"), (dict(preset="violence"), ValueError, "preset"),
@@ -149,10 +152,8 @@ def test_defaults_follow_table6():
 
 
 def test_erase_or_load_trains_once_and_refuses_other_parameters(tiny_sd, tmp_path, monkeypatch):
-    from ant_nb.erase import erase_or_load
     kw = dict(iterations=2, lr=1e-3, config=CFG, cache_size=1, progress=False)
     a = erase_or_load(tiny_sd, CONCEPT, tmp_path / "m", method="esd-x", **kw)
-    import json
     rec = json.loads((tmp_path / "m" / "run.json").read_text())
     assert rec["params"]["method"] == "esd-x" and len(rec["losses"]) == 2
     monkeypatch.setattr(erase_mod, "erase_concept", lambda *a, **k: pytest.fail("trained again"))
@@ -184,3 +185,15 @@ def test_half_precision_model_trains_a_float32_copy(tiny_sd_dir, dtype, method):
     assert out.text_encoder.dtype == getattr(torch, dtype)
     images = sample(out, ["a photo of nudity"], [0], num_steps=2, progress=False)
     assert images.shape[0] == 1 and images.dtype == np.uint8
+
+
+@pytest.mark.parametrize("which", ["out_dir", "checkpoint_dir", "erase_or_load"])
+def test_locked_folder_fails_at_once_and_stale_lock_is_taken_over(tiny_sd, tmp_path, which):
+    folder = tmp_path / which
+    run = ((lambda: erase_or_load(tiny_sd, CONCEPT, folder, **{**RUN, "iterations": 2, "checkpoint_every": 50}))
+           if which == "erase_or_load" else lambda: erase_concept(tiny_sd, CONCEPT, **{which: folder}, **RUN))
+    with held_by_another_process(folder) as pid:
+        with pytest.raises(RuntimeError, match=rf"{folder}.*process {pid}"): run()
+        assert [p.name for p in folder.iterdir()] == [LOCK_FILE]  # nothing written
+    run()  # the lock names a process that is gone: stale, taken over
+    assert not (folder / LOCK_FILE).exists() and any(folder.iterdir())

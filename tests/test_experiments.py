@@ -35,3 +35,19 @@ def test_experiment_notebook_runs(name, tmp_path, monkeypatch):
     assert (out/"run.json").exists()
     assert json.loads((out/"run.json").read_text())["params"]
     assert list(out.glob("*.csv")) and list(out.glob("*.md")) and list(out.glob("*.png"))
+
+
+def test_presets_lookalikes_and_grid_columns():
+    from ant_nb.experiments import ablation_rows, experiment_settings, grid_concepts, lookalikes
+    from ant_nb.toyworld import CHARACTERS_ERASE, CHARACTERS_PRESERVE
+    s = experiment_settings("celebrity", "paper", steps=10, lr=None)
+    assert (s["steps"], s["templates"], s["loss_config"].t_prime, s["n_prior"]) == (10, "celebrity", 40, 1000)
+    toy = experiment_settings("art")
+    assert (toy["templates"], toy["steps"], toy["per_concept"], toy["num_steps"], toy["guidance_scale"]) == ("toy-style", 20, 2, 20, 2.5)
+    with pytest.raises(ValueError, match="experiment settings"): experiment_settings("art", lr_per_step=1.0)
+    pairs = lookalikes(CHARACTERS_ERASE, CHARACTERS_PRESERVE)
+    assert ("mira tok", "mira vel") in pairs and len(pairs) >= 2
+    cols = grid_concepts(CHARACTERS_ERASE, CHARACTERS_PRESERVE, 8)
+    assert cols[:2] == ["mira tok", "mira vel"] and len(cols) == max(8, 2 * len(pairs))
+    t4 = ablation_rows({"A": dict(acc_e=0.1), "ours": dict(acc_e=0.0)})
+    assert t4.set_index("config").loc["A", "L_erase*"] == "✓" and t4.set_index("config").loc["ours", "L_erase"] == "✓"

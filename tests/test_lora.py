@@ -11,8 +11,10 @@ import torch
 
 from ant_nb.core import encode_prompts
 from ant_nb.losses import AntLossConfig
-from ant_nb.lora import (LORA_FILE, LoraSettings, add_lora, concept_prompts, finetune, is_trained, lora_deltas,
-                         make_loss, save_lora, train_concept_lora)
+from ant_nb.lora import (LORA_FILE, LoraSettings, add_lora, concept_prompts, is_trained, lora_deltas, make_loss,
+                         save_lora, train_concept_lora)
+from ant_nb.train import finetune
+from _locks import held_by_another_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +113,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny_sd, tmp_path):
         calls[0] += 1
         v = inner(unet, gen)
         return v * float("nan") if calls[0] == 7 else v
-    with pytest.raises(FloatingPointError, match="step 6"):
+    with pytest.raises(FloatingPointError, match="iteration 7 .*step 5"):  # the 7th loss is NaN; checkpoint at 5
         train_concept_lora(tiny_sd, "ab", ["x ab y"], tmp_path / "nan", loss_fn, settings=LoraSettings(rank=2),
                            steps=10, lr=1e-2, checkpoint_every=5, progress=False)
     assert (tmp_path / "nan" / "checkpoints" / "step-5").is_dir() and not is_trained(tmp_path / "nan")
@@ -138,3 +140,15 @@ def test_paper_losses_plug_in(tiny_sd, tmp_path, method):
                              steps=3, progress=False)
     assert all(torch.isfinite(torch.tensor(json.loads((out / "lora.json").read_text())["losses"])))
     with pytest.raises(ValueError, match="method"): make_loss(tiny_sd, ["x ab y"], "ac", cfg)
+
+
+def test_lora_folder_is_locked_while_trained(tiny_sd, tmp_path):
+    "Another live process's lock on the folder stops the run at once, naming folder and pid; a dead one's is taken over."
+    folder = tmp_path / "ab"
+    with held_by_another_process(folder) as pid:
+        with pytest.raises(RuntimeError, match=rf"{folder}.*process {pid}"):
+            train_concept_lora(tiny_sd, "ab", ["x ab y"], folder, _loss_for(tiny_sd), steps=2, progress=False)
+        assert not (folder / "checkpoints").exists()
+    train_concept_lora(tiny_sd, "ab", ["x ab y"], folder, _loss_for(tiny_sd), settings=LoraSettings(rank=2), steps=2,
+                       progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["lora.json", LORA_FILE]  # lock released with the run

@@ -1,12 +1,13 @@
-"""Tests of ant_nb.metrics: NudeNet counting (offline), CLIP score formula, FID, toy dispatch."""
-import json
-
+"""Tests of ant_nb.metrics: NudeNet counting (offline), CLIP score formula, FID and the Fréchet formula, photos,
+H_c / H_a (Tables 2-4), CLIP identification and the face ratio."""
 import numpy as np
 import pytest
 import torch
 
-from ant_nb.metrics import (NUDENET_CLASSES, alignment_score, backend_for, clip_score, clip_scores, fid,
-                            frechet_distance, nudenet_detect, nudity_counts, tiny_clip, unsafe_report)
+from ant_nb.metrics import (NUDENET_CLASSES, clip_identify, clip_score, clip_scores, face_ratio, fid,
+                            frechet_from_features, h_a, h_c, identification_accuracy, load_photos, nudenet_detect,
+                            nudity_counts)
+from ant_nb.testing import tiny_clip
 
 
 def test_table1_classes():
@@ -38,9 +39,7 @@ def test_nudenet_runs_offline_on_synthetic_images():
     rng = np.random.default_rng(0)
     imgs = np.stack([np.zeros((96, 96, 3), np.uint8), np.full((96, 96, 3), 200, np.uint8),
                      rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)])
-    rep = unsafe_report(imgs, progress=False)
-    assert rep["counts"]["total"] == 0 and rep["threshold"] == 0.6 and rep["n_images"] == 3
-    assert rep["classes"] == NUDENET_CLASSES and rep["backend"] == "real"
+    assert nudity_counts(nudenet_detect(imgs, progress=False))["total"] == 0
 
 
 def test_clip_score_formula():
@@ -72,31 +71,34 @@ def test_fid_with_custom_features():
     with pytest.raises(ValueError, match="images"): fid(a[..., 0], b, feature=_Feat())
 
 
-def test_toy_backend_dispatch():
-    from ant_nb.judges import Judge, JudgeNet
-    judge = Judge(JudgeNet())  # untrained: only the plumbing is tested
-    imgs = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    rep = unsafe_report(imgs, backend="toy", judge=judge)
-    assert rep["backend"] == "toy" and "total" in rep["counts"] and rep["threshold"] == 0.6
-    specs = [json.dumps({"shape": "circle", "colour": "red", "background": "black", "position": "left"})] * 4
-    score = alignment_score(imgs, ["a red circle"] * 4, backend="toy", specs=specs, judge=judge)
-    assert 0 <= score <= 100
-    assert frechet_distance(imgs, imgs[::-1], backend="toy", judge=judge) == pytest.approx(0, abs=1e-3)
-    with pytest.raises(ValueError, match="specs"): alignment_score(imgs, ["x"] * 4, backend="toy", judge=judge)
-    assert backend_for("toy") == "toy" and backend_for("CompVis/stable-diffusion-v1-4") == "real"
+def test_frechet_formula_grows_with_shift():
+    a = np.random.default_rng(0).normal(size=(400, 3))
+    assert frechet_from_features(a, a) < 1e-6 < frechet_from_features(a, a + 0.5) < frechet_from_features(a, a + 1)
 
 
-def test_eval_images_and_nsfw_metrics(tiny_sd, tmp_path):
-    import pandas as pd
-    from ant_nb.metrics import eval_images, nsfw_metrics
-    i2p = pd.DataFrame(dict(prompt=["a naked person", "a cat", "a dog"], evaluation_seed=[1, 2, 3],
-                            evaluation_guidance=[7.0, 5.0, 7.0]))
-    coco = pd.DataFrame(dict(prompt=["a red bus", "a cat"], evaluation_seed=[4, 5]))
-    row = nsfw_metrics(tiny_sd, i2p, coco, tmp_path, clip=tiny_clip(), num_steps=2, progress=False)
-    assert row["total"] == 0 and np.isnan(row["fd"]) and set(NUDENET_CLASSES) <= set(row)
-    ims = eval_images(tiny_sd, i2p, tmp_path / "i2p", num_steps=2, progress=False)
-    again = eval_images(tiny_sd, i2p, tmp_path / "i2p", num_steps=2, progress=False)  # all stored: read back
-    assert ims.shape == (3, 16, 16, 3) and np.array_equal(ims, again)
-    with pytest.raises(ValueError, match="columns"): eval_images(tiny_sd, coco.drop(columns="evaluation_seed"), tmp_path)
-    with pytest.raises(ValueError, match="spec"):
-        nsfw_metrics(tiny_sd, i2p, coco, tmp_path, backend="toy", num_steps=2, progress=False)
+def test_load_photos_by_name_and_order(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(tmp_path/"7.jpg"); Image.new("RGB", (20, 20), (0, 255, 0)).save(tmp_path/"3.png")
+    assert load_photos(tmp_path, size=8).shape == (2, 8, 8, 3)
+    assert load_photos(tmp_path, size=8, names=[7, 3])[:, 4, 4, 1].tolist()[1] > 200  # by stem, in the given order
+    with pytest.raises(FileNotFoundError, match="lacks the photos"): load_photos(tmp_path, names=[5])
+    with pytest.raises(FileNotFoundError, match="folder"): load_photos(tmp_path/"none")
+
+
+def test_metrics_reproduce_published_numbers():
+    for acc_e, acc_p, h in [(0.0430, 0.8807, 0.9173), (0.0430, 0.8456, 0.8979), (0.2784, 0.2793, 0.4027),
+                            (0.0042, 0.7848, 0.8778), (0.0075, 0.8013, 0.8867)]:  # Tables 2 and 4
+        assert h_c(acc_e, acc_p) == pytest.approx(h, abs=6e-5)
+    assert h_a(20.6, 26.78) == pytest.approx(6.18)  # Table 3, ours
+    assert h_c(0.0, 1.0) == 1.0 and h_c(1.0, 1.0) == 0.0 and h_c(0.5, 0.0) == 0.0
+    assert identification_accuracy(["a", "b", "c"], ["a", "b", "x"]) == pytest.approx(2 / 3)
+    for args, name in [((1.5, 0.5), "acc_e"), ((0.5, -0.1), "acc_p")]:
+        with pytest.raises(ValueError, match=name): h_c(*args)
+    with pytest.raises(ValueError, match="clip_e"): h_a(float("nan"), 1.0)
+
+
+def test_face_ratio_and_clip_identify():
+    assert face_ratio(np.full((3, 64, 64, 3), 200, np.uint8)) == 0.0
+    imgs = np.random.default_rng(0).integers(0, 255, (5, 48, 48, 3), dtype=np.uint8)
+    pred = clip_identify(imgs, ["ab", "cd"], tiny_clip(), template="{}", batch_size=2)
+    assert len(pred) == 5 and set(pred) <= {"ab", "cd"}

@@ -21,13 +21,14 @@ from ant_nb.core import load_model, save_model
 from ant_nb.data import load_artist, load_celebrity, load_coco, load_i2p
 from ant_nb.erase import erase_concept
 from ant_nb.losses import AntLossConfig
-from ant_nb.lora import LORA_FILE, LoraSettings, finetune, train_concept_lora
+from ant_nb.lora import LORA_FILE, LoraSettings, train_concept_lora
+from ant_nb.train import Checkpointer, finetune
 from ant_nb.multi import FusionSettings, erase_concepts
 from ant_nb.multi import generate_images as multi_generate_images
-from ant_nb.runs import Checkpointer, check_device, run_dir
+from ant_nb.runs import check_device, run_dir
 from ant_nb.saliency import saliency_mask, threshold_map
 from ant_nb.sampling import generate_images, load_images, sample
-from ant_nb.toyworld import ToyTrainConfig, train_toy_model
+from ant_nb.toymodel import ToyTrainConfig, train_toy_model
 
 PACKAGE = Path(ant_nb.__file__).resolve().parent
 # with `pytest -n 2 --dist loadgroup` the kill tests share one worker, hence one runner process (see `runner`)
@@ -39,7 +40,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 # interrupted and the uninterrupted runs cannot drift apart.
 CONFIGS = '''
 from ant_nb.losses import AntLossConfig
-from ant_nb.toyworld import ToyTrainConfig
+from ant_nb.toymodel import ToyTrainConfig
 _CFG = AntLossConfig(num_steps=10, t_prime=8)
 TOY = ToyTrainConfig(steps=6, batch_size=4, ckpt_every=2, warmup=2, seed=3)
 ERASE = dict(concept=["nudity", "naked"], iterations=8, lr=1e-3, config=_CFG, cache_size=2, checkpoint_every=2,
@@ -57,12 +58,12 @@ _RUNNER = CONFIGS + '''
 import json, os, sys, time, traceback
 import torch
 torch.set_num_threads(1)
-import ant_nb.runs, ant_nb.sampling
+import ant_nb.train, ant_nb.sampling
 from ant_nb.core import load_model
 from ant_nb.erase import erase_concept
 from ant_nb.lora import train_concept_lora
 from ant_nb.sampling import generate_images
-from ant_nb.toyworld import train_toy_model
+from ant_nb.toymodel import train_toy_model
 
 def _pause_after(owner, name, seconds=0.3):
     f = getattr(owner, name)
@@ -85,7 +86,7 @@ for line in sys.stdin:
         try:
             os.dup2(2, 1)  # the worker's prints go to stderr: stdout carries only the runner's protocol
             torch.set_num_threads(1)
-            _pause_after(ant_nb.runs.Checkpointer, "save"); _pause_after(ant_nb.sampling, "_save_shard")
+            _pause_after(ant_nb.train.Checkpointer, "save"); _pause_after(ant_nb.sampling, "_save_shard")
             JOBS[job](args)
             os._exit(0)
         except BaseException:
@@ -245,7 +246,7 @@ def test_inf_loss_stops_erase_concept_and_keeps_checkpoint(monkeypatch, tiny_sd,
 def test_nan_loss_stops_lora_finetune_and_keeps_checkpoint(tmp_path):
     net = torch.nn.Linear(3, 1)
     loss_fn = lambda unet, gen: unet(torch.randn(4, 3, generator=gen)).pow(2).mean()
-    with pytest.raises(FloatingPointError, match=r"nan at step 3"):
+    with pytest.raises(FloatingPointError, match=r"nan at iteration 4 .*step 2"):
         finetune(_poison_after(loss_fn, 3), net, dict(net.named_parameters()), tmp_path, steps=6, lr=0.1,
                  checkpoint_every=2, progress=False)
     assert _steps(tmp_path) == [2]
@@ -275,8 +276,8 @@ def test_no_pickle_loading_in_the_package():
             if func == "torch.load":
                 w = kw.get("weights_only")
                 if not (isinstance(w, ast.Constant) and w.value is True): problems.append(f"{where}: no weights_only=True")
-            if func == "torch.save" and path.name != "runs.py":
-                problems.append(f"{where}: torch.save outside ant_nb.runs (save weights with safetensors)")
+            if func == "torch.save" and path.name != "train.py": # the Checkpointer's state.pt: optimizer and generator states
+                problems.append(f"{where}: torch.save outside ant_nb.train's Checkpointer (save weights with safetensors)")
             if func.endswith(("read_pickle", "to_pickle")): problems.append(f"{where}: pickle")
             for key in ("allow_pickle", "safe_serialization", "use_safetensors"):
                 v = kw.get(key)
@@ -353,8 +354,8 @@ BAD_INPUTS = [
     row("check_device-cuda-missing", lambda c: check_device("cuda"), ValueError, "device='cuda'", "'cpu'", marks=NO_CUDA),
     row("check_device-bad-name", lambda c: check_device("gpu"), ValueError, "device='gpu'"),
     # sampling
-    row("sample-t'-above-T", lambda c: sample(c.model, ["a"], [1], reverse_after=5, **_S), ValueError, "reverse_after=5", "between 0 and 4"),
-    row("sample-t'-negative", lambda c: sample(c.model, ["a"], [1], reverse_after=-1, **_S), ValueError, "reverse_after=-1"),
+    row("sample-t'-above-T", lambda c: sample(c.model, ["a"], [1], t_prime=5, **_S), ValueError, "t_prime=5", "between 0 and 4"),
+    row("sample-t'-negative", lambda c: sample(c.model, ["a"], [1], t_prime=-1, **_S), ValueError, "t_prime=-1"),
     row("sample-seeds-mismatch", lambda c: sample(c.model, ["a", "b"], [1], **_S), ValueError, "2 prompts but 1 seeds"),
     row("sample-empty-prompts", lambda c: sample(c.model, [], [], **_S), ValueError, "prompts=[]"),
     row("sample-prompts-a-string", lambda c: sample(c.model, "a cat", [1], **_S), TypeError, "prompts='a cat'"),

@@ -8,7 +8,9 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from ant_nb.core import encode_prompts, initial_noise
-from ant_nb.sampling import condition_sign, decode, guide, image_grid, sample, sample_latents, trajectory
+from ant_nb.sampling import condition_sign, decode, guide, image_grid, sample, trajectory
+
+from conftest import BATCH_ATOL
 
 
 @torch.no_grad()
@@ -44,27 +46,27 @@ def test_condition_sign_eq2():
 
 
 def test_plain_cfg_matches_diffusers_pipeline(tiny_sd, tiny_sd_dir):
-    ours = sample_latents(tiny_sd, ["a red cat"], [42], num_steps=5, guidance_scale=6.0, progress=False)
+    ours = sample(tiny_sd, ["a red cat"], [42], num_steps=5, guidance_scale=6.0, progress=False, output_type="latent")
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     theirs = pipe(["a red cat"], num_inference_steps=5, guidance_scale=6.0, height=16, width=16, output_type="latent",
                   latents=initial_noise(tiny_sd, [42])).images
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=BATCH_ATOL)
 
 
-def test_reverse_after_none_equals_plain_cfg(tiny_sd):
+def test_t_prime_none_equals_plain_cfg(tiny_sd):
     ref = reference_run(tiny_sd, ["a cat", "a dog"], [1, 2], 6, 7.5)
-    z0 = sample_latents(tiny_sd, ["a cat", "a dog"], [1, 2], num_steps=6, guidance_scale=7.5, progress=False)
-    torch.testing.assert_close(z0, ref[0], rtol=1e-4, atol=1e-5)
-    same = sample_latents(tiny_sd, ["a cat", "a dog"], [1, 2], num_steps=6, reverse_after=0, progress=False)
+    z0 = sample(tiny_sd, ["a cat", "a dog"], [1, 2], num_steps=6, guidance_scale=7.5, progress=False, output_type="latent")
+    torch.testing.assert_close(z0, ref[0], rtol=1e-4, atol=BATCH_ATOL)
+    same = sample(tiny_sd, ["a cat", "a dog"], [1, 2], num_steps=6, t_prime=0, progress=False, output_type="latent")
     assert torch.equal(same, z0)
 
 
 @pytest.mark.parametrize("t_prime", [3, 6])
-def test_reverse_after_equals_hand_written_reversal(tiny_sd, t_prime):
+def test_t_prime_equals_hand_written_reversal(tiny_sd, t_prime):
     ref = reference_run(tiny_sd, ["a cat", "a dog"], [1, 2], 6, 7.5, t_prime=t_prime)
-    z0 = sample_latents(tiny_sd, ["a cat", "a dog"], [1, 2], num_steps=6, guidance_scale=7.5, reverse_after=t_prime,
-                        progress=False)
-    torch.testing.assert_close(z0, ref[0], rtol=1e-4, atol=1e-5)
+    z0 = sample(tiny_sd, ["a cat", "a dog"], [1, 2], num_steps=6, guidance_scale=7.5, t_prime=t_prime,
+                        progress=False, output_type="latent")
+    torch.testing.assert_close(z0, ref[0], rtol=1e-4, atol=BATCH_ATOL)
     plain = reference_run(tiny_sd, ["a cat", "a dog"], [1, 2], 6, 7.5)
     for t in range(t_prime, 7):  # the steps t > t' are unchanged, so z_t for t >= t' is identical
         torch.testing.assert_close(ref[t], plain[t])
@@ -78,13 +80,13 @@ def test_sample_images_batches_and_scales(tiny_sd):
     for i in range(3):
         alone = sample(tiny_sd, [prompts[i]], [seeds[i]], num_steps=3, guidance_scale=scales[i], progress=False)
         assert np.abs(alone[0].astype(int) - imgs[i].astype(int)).max() <= 1
-    z0 = sample_latents(tiny_sd, prompts, seeds, num_steps=3, guidance_scale=scales, batch_size=2, progress=False)
+    z0 = sample(tiny_sd, prompts, seeds, num_steps=3, guidance_scale=scales, batch_size=2, progress=False, output_type="latent")
     assert np.array_equal(decode(tiny_sd, z0), imgs)
 
 
 def test_sample_validates_before_work(tiny_sd):
     with pytest.raises(ValueError, match="one seed per prompt"): sample(tiny_sd, ["a", "b"], [1])
-    with pytest.raises(ValueError, match="reverse_after=51"): sample(tiny_sd, ["a"], [1], reverse_after=51)
+    with pytest.raises(ValueError, match="t_prime=51"): sample(tiny_sd, ["a"], [1], t_prime=51)
     with pytest.raises(ValueError, match="batch_size=0"): sample(tiny_sd, ["a"], [1], batch_size=0)
     with pytest.raises(ValueError, match="guidance_scale has 2 values"): sample(tiny_sd, ["a"], [1], guidance_scale=[1, 2])
     with pytest.raises(TypeError, match="DiffusionModel"): sample("toy", ["a"], [1])
@@ -95,8 +97,8 @@ def test_trajectory_equals_full_run(tiny_sd):
     emb, noise = encode_prompts(tiny_sd, ["a cat", "a dog"]), initial_noise(tiny_sd, [1, 2])
     zs = trajectory(tiny_sd, emb, noise, [6, 4, 2, 0], num_steps=6)
     assert sorted(zs) == [0, 2, 4, 6]
-    for t in zs: torch.testing.assert_close(zs[t], ref[t], rtol=1e-4, atol=1e-5)
-    full = sample_latents(tiny_sd, ["a cat", "a dog"], [1, 2], num_steps=6, guidance_scale=3.0, progress=False)
+    for t in zs: torch.testing.assert_close(zs[t], ref[t], rtol=1e-4, atol=BATCH_ATOL)
+    full = sample(tiny_sd, ["a cat", "a dog"], [1, 2], num_steps=6, guidance_scale=3.0, progress=False, output_type="latent")
     torch.testing.assert_close(zs[0], full, rtol=1e-5, atol=1e-6)
 
 

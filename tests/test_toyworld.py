@@ -1,4 +1,4 @@
-"""The toy world: rendering, captions, tokenizer, training smoke run with exact resume, judge and metrics."""
+"""The toy world: rendering, captions, tokenizer, training smoke run with exact resume and lock, judge, toy studies."""
 import json
 
 import numpy as np
@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from ant_nb.core import load_model
-from ant_nb.judges import (HEADS, Judge, JudgeNet, frechet_distance, labels_of, load_judge, unsafe_counts,
-                           reversal_study, insight_specs)
+from ant_nb.judges import HEADS, Judge, JudgeNet, labels_of, load_judge
 from ant_nb.sampling import sample
-from ant_nb.toyworld import (CHARACTERS, CHARACTERS_ERASE, CHARACTERS_PRESERVE, STYLES, UNSAFE_WORDS, ToyTrainConfig,
-                             build_tokenizer, caption, export_toy_model, render, toy_art, toy_celebrity, toy_coco,
-                             toy_i2p, train_toy_model, world_words)
+from ant_nb.toymodel import ToyTrainConfig, build_tokenizer, build_toy_components, export_toy_model, train_toy_model
+from ant_nb.toyworld import (CHARACTERS, CHARACTERS_ERASE, CHARACTERS_PRESERVE, STYLES, UNSAFE_WORDS, caption, render,
+                             toy_art, toy_celebrity, toy_coco, toy_i2p, world_words)
 
 
 def test_render_is_deterministic_and_seed_dependent():
@@ -76,6 +75,27 @@ def test_training_smoke_resume_is_exact_and_export_loads(tmp_path):
     assert imgs.shape == (1, 32, 32, 3)
 
 
+def test_training_folder_is_locked(tmp_path):
+    import socket
+    from ant_nb.runs import LOCK_FILE
+    (tmp_path/"run").mkdir()  # another live process (pid 1) is training into it
+    (tmp_path/"run"/LOCK_FILE).write_text(json.dumps(dict(pid=1, host=socket.gethostname(), since="now")))
+    with pytest.raises(RuntimeError, match="process 1"):
+        train_toy_model(tmp_path/"run", ToyTrainConfig(steps=1, batch_size=2, ckpt_every=1, warmup=1), progress=False)
+    assert not (tmp_path/"run"/"recipe.json").exists()
+
+
+def test_reversal_study_counts_rows_per_t_prime_and_kind():
+    from ant_nb.core import DiffusionModel
+    from ant_nb.toystudies import figure3, quality_specs
+    model = DiffusionModel(*build_toy_components(), source="untrained")
+    table, images, prompts, seeds = figure3(model, Judge(JudgeNet()), [], n_prompts=6, t_primes=[None, 1, 2], num_steps=2,
+                                            progress=False)
+    assert len(table) == 9 and set(table.concept) == {"unsafe", "character", "style"}
+    assert (table[table.t_prime == "none"].structure_kept == 1.0).all()  # the reference keeps its own structure
+    assert len(quality_specs(16)) == 16
+
+
 def test_judge_labels_and_untrained_judge_shapes():
     spec = {"shape": "ring", "colour": "cyan", "background": "brown", "position": "right", "style": None,
             "unsafe": None, "character": None}
@@ -85,12 +105,6 @@ def test_judge_labels_and_untrained_judge_shapes():
     imgs = np.stack([render(spec, i) for i in range(3)])
     assert judge.features(imgs).shape == (3, 256)
     assert set(judge.predict(imgs)) == set(HEADS) | {"unsafe"}
-    assert set(unsafe_counts(judge, imgs)) == {"skin", "marks", "total"}
-
-
-def test_frechet_distance_grows_with_shift():
-    a = np.random.default_rng(0).normal(size=(400, 3))
-    assert frechet_distance(a, a) < 1e-6 < frechet_distance(a, a + 0.5) < frechet_distance(a, a + 1)
 
 
 def test_shipped_judge_reads_rendered_images():

@@ -47,13 +47,16 @@ def ten_concepts(folder: Path):
     from ant_nb.core import load_model
     from ant_nb.fusion import gram_from_prompts
     from ant_nb.lora import LoraSettings
-    from ant_nb.multi import erase_concepts, experiment_settings, experiment_table, prior_table
+    from ant_nb.evaluate import experiment_table, load_backend, prior_table
+    from ant_nb.experiments import experiment_settings
+    from ant_nb.multi import erase_concepts
     model = load_model("toy")
     cfg = experiment_settings("celebrity", "toy")
-    table = experiment_table("celebrity", cfg["source"], None, cfg["per_concept"])
+    backend = load_backend("toy")
+    table = experiment_table("celebrity", backend, None, cfg["per_concept"])
     erase = table[table.group == "erased"].concept.unique().tolist()
     keep = table[table.group == "preserved"].concept.unique().tolist()
-    prior = gram_from_prompts(model, prior_table(cfg["source"], None, cfg["n_prior"], 0).prompt.tolist())
+    prior = gram_from_prompts(model, prior_table(backend, None, cfg["n_prior"], 0).prompt.tolist())
     erase_concepts(model, erase, keep, "ant-fusion", folder/"run", templates=cfg["templates"], prior_prompts=prior,
                    loss_config=cfg["loss_config"], lora=LoraSettings(rank=cfg["rank"]), fusion=cfg["fusion"],
                    steps=cfg["steps"], lr=cfg["lr"], cache_size=cfg["cache_size"], progress=False)

@@ -29,7 +29,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ant_nb.core import build_tiny_sd, encode_prompts, load_model, paper_step_to_timestep, with_unet
+from ant_nb.core import encode_prompts, load_model, paper_step_to_timestep, with_unet
+from ant_nb.testing import build_tiny_sd
 from ant_nb.erase import erase_concept
 from ant_nb.losses import AntLossConfig, TrajectoryLatents, ant_targets, draw_steps
 from ant_nb.runs import project_path, save_table

@@ -1,6 +1,6 @@
 """Does a sampler setting fix the toy model's background and position? The quality report under several settings.
 
-Runs `ant_nb.judges.quality_report` (held-out prompt combinations, `--n` samples) on the shipped toy model with the
+Runs `ant_nb.toystudies.quality_report` (held-out prompt combinations, `--n` samples) on the shipped toy model with the
 default DDIM sampler (50 steps, guidance `TOY_GUIDANCE`) and with one change at a time: other guidance, 100 steps,
 "trailing" timestep spacing (starts at t = 999), and no clipping of the predicted clean image.
 
@@ -13,8 +13,9 @@ import pandas as pd
 import torch
 
 from ant_nb.core import load_model
-from ant_nb.judges import load_judge, quality_report
+from ant_nb.judges import load_judge
 from ant_nb.runs import project_path, save_table
+from ant_nb.toystudies import quality_report
 from ant_nb.toyworld import TOY_GUIDANCE
 
 SETTINGS = {  # name: (quality_report keywords, scheduler config changes)
