@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import math
 import time
+import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -78,16 +79,21 @@ def _check_targets(model: DiffusionModel, images) -> np.ndarray:
     return a
 
 # %% ../nbs/07b_attacks.ipynb #acb56914
+_WORD_IDS = weakref.WeakKeyDictionary() # tokenizer -> (its length, word ids): SD's 49,408 tokens are scanned once
+
 def word_token_ids(tokenizer, # a CLIP tokenizer
                   ) -> torch.LongTensor:
     "Ids (V,) of the vocabulary's whole words that tokenize back to themselves, in increasing order."
+    cached = _WORD_IDS.get(tokenizer)
+    if cached is not None and cached[0] == len(tokenizer): return cached[1]
     special = set(tokenizer.all_special_ids)
     ids = []
     for token, i in tokenizer.get_vocab().items():
         word = token[:-len("</w>")]
         if i in special or not token.endswith("</w>") or not word.strip() or not word.isprintable(): continue
         if tokenizer(word, add_special_tokens=False).input_ids == [i]: ids.append(i)
-    return torch.tensor(sorted(ids), dtype=torch.long)
+    _WORD_IDS[tokenizer] = (len(tokenizer), torch.tensor(sorted(ids), dtype=torch.long))
+    return _WORD_IDS[tokenizer][1]
 
 def _words(tokenizer, ids) -> list[str]:
     "The words of token ids `ids`."
