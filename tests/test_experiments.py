@@ -15,6 +15,9 @@ TINY = {
     "30_celebrity.ipynb": dict(methods=["ant-fusion"], ablations=["C"], steps=1, cache_size=1, per_concept=1,
                                n_prior=2, num_steps=2),
     "40_art.ipynb": dict(methods=["ant-fusion"], steps=1, cache_size=1, per_concept=1, n_prior=2, num_steps=2),
+    "50_robustness.ipynb": dict(unsafe_methods=["esd-x"], character_methods=["uce"], characters=["mira tok"], n_tasks=1,
+                                n_targets=1, eval_seeds=[0], budget=2, draws=2, bb_budget=3, n_pairs=2, iterations=2,
+                                cache_size=1, eval_steps=2),
 }
 
 
