@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ant_nb.attacks import (ATTACKS, attack_success, concept_detector, concept_direction, count_calls, run_attack,
-                            success_rate, toy_attack_tasks, wilson_interval)
+from ant_nb.attacks import (ATTACKS, attack_success, concept_direction, count_calls, run_attack, success_rate,
+                            toy_attack_tasks, wilson_interval)
+from ant_nb.evaluate import load_backend
 from ant_nb.core import load_model
-from ant_nb.judges import load_judge
 from ant_nb.sampling import sample
 from ant_nb.toyworld import TOY_GUIDANCE
 
@@ -25,8 +25,8 @@ def toy():
 
 
 @pytest.fixture(scope="module")
-def judge():
-    return load_judge()
+def detect_unsafe():
+    return load_backend("toy").concept_detector("unsafe")
 
 
 def _targets(model, prompt, seed, n=2):
@@ -35,9 +35,9 @@ def _targets(model, prompt, seed, n=2):
 
 
 @pytest.mark.parametrize("method", ["white-box", "inversion"])
-def test_attack_reaches_concept_on_original(toy, judge, method):
+def test_attack_reaches_concept_on_original(toy, detect_unsafe, method):
     # from a benign prompt ("a circle on the left ..."), the concept comes back in >= 80 % of images
-    detect, hits = concept_detector("unsafe", judge), []
+    detect, hits = detect_unsafe, []
     for i, task in toy_attack_tasks("unsafe", 3, seed=0).iterrows():
         assert not detect(sample(toy, [task.benign_prompt] * 2, SEEDS[:2], num_steps=STEPS,
                                  guidance_scale=TOY_GUIDANCE, progress=False)).any()  # benign before the attack
@@ -107,8 +107,9 @@ def test_wrong_inputs_named(toy):
     with pytest.raises(ValueError, match="needs targets"): run_attack(toy, "inversion", "a circle")
     with pytest.raises(ValueError, match=r"direction must be a tensor of shape \(24, 128\)"):
         run_attack(toy, "black-box", "a circle", direction=torch.zeros(77, 768))
-    with pytest.raises(ValueError, match="concept='dog' is not allowed"): concept_detector("dog")
-    with pytest.raises(ValueError, match="give judge"): concept_detector("unsafe")
+    with pytest.raises(ValueError, match="concept='dog' is not allowed"): load_backend("toy").concept_detector("dog")
+    with pytest.raises(ValueError, match="concept='unsafe' is not allowed"):
+        load_backend("CompVis/stable-diffusion-v1-4").concept_detector("unsafe")
 
 
 @pytest.mark.parametrize("method", ATTACKS)
