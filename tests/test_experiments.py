@@ -15,6 +15,15 @@ TINY = {
     "30_celebrity.ipynb": dict(methods=["ant-fusion"], ablations=["C"], steps=1, cache_size=1, per_concept=1,
                                n_prior=2, num_steps=2),
     "40_art.ipynb": dict(methods=["ant-fusion"], steps=1, cache_size=1, per_concept=1, n_prior=2, num_steps=2),
+    "20_nsfw.ipynb": dict(n_i2p=2, n_coco=2, iterations=1, methods=["esd-x", "ant"], mask_seeds=[0],
+                          concept=["nudity", "naked"], table5=False, stage_ablation=False, figure4_extra=False,
+                          eval_steps=2, cache_size=1, study=True, transfer_arms=["esd-x"],
+                          study_settings=dict(pool=400, n_test={"sexual": 3, "other": 1},
+                                              n_validation={"sexual": 2, "other": 1}, n_test_captions=4,
+                                              n_validation_captions=3, iterations=1, sweep={"esd-x": [1e-3], "ant": [1e-3]},
+                                              tuned_arms=["esd-x", "ant"], paper_arms=["esd-x"], test_seeds=[0, 1],
+                                              eval_steps=2, check_steps=3, n_check=2, cache_size=1, n_boot=50,
+                                              n_boot_fd=5, paper_budgets={"esd-x": dict(lr=1e-5, iterations=1)})),
     "50_robustness.ipynb": dict(unsafe_methods=["esd-x"], character_methods=["uce"], characters=["mira tok"], n_tasks=1,
                                 n_targets=1, eval_seeds=[0], budget=2, draws=2, bb_budget=3, n_pairs=2, iterations=2,
                                 cache_size=1, eval_steps=2),
@@ -33,11 +42,15 @@ def test_experiment_notebook_runs(name, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch: 2 threads on 2 busy cores oversubscribe badly
     out = tmp_path/"run"
     params = dict(TINY[name], out_dir=str(out))
+    if params.get("study"): params["study_dir"] = str(tmp_path/"study")
     pm.execute_notebook(str(NBS/name), str(tmp_path/name), parameters=params, kernel_name="python3",
                         progress_bar=False, cwd=str(NBS))
     assert (out/"run.json").exists()
     assert json.loads((out/"run.json").read_text())["params"]
     assert list(out.glob("*.csv")) and list(out.glob("*.md")) and list(out.glob("*.png"))
+    if params.get("study"): # the study's tables, figure and transfer check
+        for f in ("test.csv", "sweep.md", "comparisons.csv", "masks.csv", "check.csv", "tradeoff.png", "transfer.csv"):
+            assert (tmp_path/"study"/f).exists(), f
 
 
 def test_presets_lookalikes_and_grid_columns():
