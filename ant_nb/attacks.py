@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import DiffusionModel, encode_prompts
+from .core import DiffusionModel, encode_prompts, prediction_target
 from .runs import check_choice, check_int, check_positive, check_range
 from .sampling import sample
 from .toyworld import BACKGROUNDS, CHARACTERS, POSITIONS, SHAPES, UNSAFE_WORDS, caption
@@ -153,22 +153,25 @@ def noisy_draws(model: DiffusionModel, # supplies the noise schedule
                 gen: torch.Generator, # CPU generator of τ and ε
                 t_min: float = 0.5, # fraction of the timestep range left out at the low-noise end
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "(z_τ, τ, ε): n noisy versions (n, C, h, w) of `x0` at scheduler timesteps τ (n,) stratified over [t_min·T, T)."
+    """(z_τ, τ, target): n noisy versions (n, C, h, w) of `x0` at scheduler timesteps τ (n,) stratified over
+    [t_min·T, T), and what the UNet should predict at each (n, C, h, w): the noise ε, or the velocity for v-prediction."""
     T = model.scheduler.config.num_train_timesteps
     lo = int(t_min * T)
     tau = (lo + (torch.arange(n) + torch.rand(n, generator=gen)) * (T - lo) / n).long().clamp(max=T - 1)
     eps = torch.randn((n, *x0.shape[1:]), generator=gen)
-    z = model.scheduler.add_noise(x0[torch.arange(n) % len(x0)].cpu().float(), eps, tau)
-    return z.to(model.device, model.dtype), tau.to(model.device), eps.to(model.device)
+    x0 = x0[torch.arange(n) % len(x0)].cpu().float()
+    z = model.scheduler.add_noise(x0, eps, tau)
+    target = prediction_target(model.scheduler, x0, eps, tau)
+    return z.to(model.device, model.dtype), tau.to(model.device), target.to(model.device)
 
 def denoising_loss(model: DiffusionModel, # the attacked model (its UNet is not changed)
-                   draws: tuple, # (z_τ, τ, ε) from `noisy_draws`
+                   draws: tuple, # (z_τ, τ, target) from `noisy_draws`
                    cond: torch.Tensor, # text embeddings (1, L, D) of the adversarial prompt
                   ) -> torch.Tensor:
-    "Mean squared error between ε and the UNet's conditional prediction at z_τ, a scalar in float32."
-    z, tau, eps = draws
+    "Mean squared error between the target (ε, or v) and the UNet's conditional prediction at z_τ, a scalar in float32."
+    z, tau, target = draws
     pred = model.unet(z, tau, encoder_hidden_states=cond.expand(len(z), -1, -1)).sample
-    return F.mse_loss(pred.float(), eps.float())
+    return F.mse_loss(pred.float(), target.float())
 
 # %% ../nbs/07b_attacks.ipynb #acb951b5
 def _timer_and_gen(seed: int) -> tuple[float, torch.Generator]:

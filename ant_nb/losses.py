@@ -106,7 +106,7 @@ def draw_steps(config: AntLossConfig, # the loss configuration (t', T, stage ord
 
 # %% ../nbs/04_losses.ipynb #9a341889
 def _call_unet(unet, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    "ε prediction (B, C, H, W) of `unet` at latents `z`, scheduler timesteps `t` (B,) and text embeddings `emb`."
+    "Prediction (B, C, H, W), ε or v, of `unet` at latents `z`, scheduler timesteps `t` (B,) and text embeddings `emb`."
     dtype = getattr(unet, "dtype", None) # a float32 trained copy of a float16 model gets float32 inputs
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point: z, emb = z.to(dtype), emb.to(dtype)
     out = unet(z, t, encoder_hidden_states=emb)
@@ -137,6 +137,7 @@ def ant_targets(eps_uncond: torch.Tensor, # ε_θ*(z_t, t), frozen unconditional
                 sign: int, # +1 for L_preserve (guide towards c), -1 for L_erase (guide away from c)
                ) -> torch.Tensor:
     "The stop-gradient target of Eq. 3: ε_θ*(z_t, t) + sign · η · δ(c), with δ(c) = ε_θ*(z_t, t, c) − ε_θ*(z_t, t)."
+    # weights 1 − sign·η and sign·η sum to 1: the target is right for v predictions as well (see the notes at the top)
     return (eps_uncond + sign * eta * (eps_cond - eps_uncond)).detach()
 
 # %% ../nbs/04_losses.ipynb #2b200ba4

@@ -53,7 +53,7 @@ def _denoise(model: DiffusionModel, # supplies UNet and noise schedule
              num_steps: int, # T
              scale: float | torch.Tensor, # guidance scale s
              t_prime: int | None = None, # t' (paper step); None: plain CFG
-             eps_out: dict | None = None, # when given, receives {t: (ε_u, ε_c)}, the predictions at z_t, each step
+             eps_out: dict | None = None, # when given, receives {t: (ε_u, ε_c)}, the UNet's outputs (ε or v) at z_t
             ) -> Iterator[tuple[int, torch.Tensor]]:
     "Yield (t, z_t) for paper steps t = T, ..., 1 and then (0, z_0): DDIM sampling with Eq. 1–2 guidance."
     sched = _ddim(model, num_steps, noise.device)
@@ -152,7 +152,7 @@ def trajectory(model: DiffusionModel, # the model that generates the trajectory
               ) -> dict[int, torch.Tensor] | dict[int, tuple]:
     """Latents z_t (N, C, H, W) at the requested paper steps of one CFG trajectory from z_T, as {t: z_t}.
     With `with_eps`, {t: (z_t, ε_u, ε_c)}: the unconditional and conditional predictions at (z_t, t), each (N, C, H, W)
-    (None at t = 0, where the sampler makes no prediction)."""
+    (None at t = 0, where the sampler makes no prediction); they are the UNet's raw outputs, v for a v-prediction model."""
     num_steps = check_int("num_steps", num_steps, 1, model.scheduler.config.num_train_timesteps)
     if isinstance(record_steps, (int, np.integer)): record_steps = [record_steps]
     record = sorted({check_int("record_steps", t, 0, num_steps) for t in record_steps}, reverse=True)

@@ -21,13 +21,15 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .runs import atomic_write_text, check_device, check_positive, check_range, folder_lock
+from .core import PREDICTION_TYPES, prediction_target
+from .runs import atomic_write_text, check_choice, check_device, check_positive, check_range, folder_lock
 from .train import Checkpointer
 from .toyworld import SIZE, WorldMix, images_to_tensor, prompt_of, random_spec, render, step_loader, world_words
 
 # %% auto #0
-__all__ = ['MAX_TOKENS', 'UNET_CONFIG', 'TEXT_CONFIG', 'SCHEDULER_CONFIG', 'build_tokenizer', 'build_toy_components',
-           'world_batch', 'ToyTrainConfig', 'training_hours', 'train_toy_model', 'export_toy_model']
+__all__ = ['MAX_TOKENS', 'UNET_CONFIG', 'TEXT_CONFIG', 'SCHEDULER_CONFIG', 'SCHEDULER_FILE', 'build_tokenizer',
+           'toy_scheduler_config', 'build_toy_components', 'world_batch', 'ToyTrainConfig', 'training_hours',
+           'train_toy_model', 'export_toy_model']
 
 # %% ../nbs/08b_toymodel.ipynb #3fa572fb
 MAX_TOKENS = 24 # tokenizer.model_max_length of the toy model
@@ -75,14 +77,31 @@ TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, 
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
                         clip_sample=True, set_alpha_to_one=False, steps_offset=1)
 
-def build_toy_components(seed: int = 0):
+def toy_scheduler_config(prediction_type: str = "epsilon", # what the UNet predicts: "epsilon" or "v_prediction"
+                         zero_terminal_snr: bool = False, # rescale the betas to zero terminal SNR (needs "v_prediction")
+                        ) -> dict:
+    "The toy model's `DDIMScheduler` config: `SCHEDULER_CONFIG` with `prediction_type` (and zero-terminal-SNR options)."
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if not isinstance(zero_terminal_snr, bool):
+        raise ValueError(f"zero_terminal_snr={zero_terminal_snr!r} is not allowed; choose one of [False, True]")
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ValueError(f"zero_terminal_snr=True needs prediction_type='v_prediction', got {prediction_type!r}: at zero "
+                         "terminal SNR the noisiest x_t is pure noise, from which an ε prediction cannot recover x_0")
+    snr = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if zero_terminal_snr else {}
+    return SCHEDULER_CONFIG | dict(prediction_type=prediction_type) | snr
+
+def build_toy_components(seed: int = 0,
+                         prediction_type: str = "epsilon", # what the UNet predicts: "epsilon" or "v_prediction"
+                         zero_terminal_snr: bool = False, # a zero-terminal-SNR noise schedule (needs "v_prediction")
+                        ):
     "Freshly initialised (unet, text_encoder, tokenizer, scheduler) of the toy model."
+    sched = DDIMScheduler(**toy_scheduler_config(prediction_type, zero_terminal_snr))
     tok = build_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     cfg = CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **TEXT_CONFIG)
-    return unet, CLIPTextModel(cfg), tok, DDIMScheduler(**SCHEDULER_CONFIG)
+    return unet, CLIPTextModel(cfg), tok, sched
 
 # %% ../nbs/08b_toymodel.ipynb #1e095928
 def world_batch(rng: np.random.Generator, n: int, mix: WorldMix = WorldMix(), p_drop: float = 0.1):
@@ -106,6 +125,8 @@ class ToyTrainConfig:
     ckpt_every: int = 200
     seed: int = 0
     max_seconds: float | None = None # stop (with a checkpoint) after this much wall time; resume continues
+    prediction_type: str = "epsilon" # what the UNet learns: "epsilon" (the noise ε) or "v_prediction" (the velocity v)
+    zero_terminal_snr: bool = False # zero-terminal-SNR betas and trailing sampling timesteps (needs "v_prediction")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "warmup", "ckpt_every", "seed"):
@@ -115,6 +136,7 @@ class ToyTrainConfig:
         check_positive("lr", self.lr); check_positive("weight_decay", self.weight_decay, strict=False)
         check_range("ema_decay", self.ema_decay, 0.0, 1.0); check_range("p_drop", self.p_drop, 0.0, 1.0)
         if self.max_seconds is not None: check_positive("max_seconds", self.max_seconds)
+        toy_scheduler_config(self.prediction_type, self.zero_terminal_snr) # checks both
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
     with torch.no_grad():
@@ -124,12 +146,31 @@ def _tokenize(tok, prompts: list[str]) -> torch.Tensor:
     return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt").input_ids
 
-def _noisy(x0: torch.Tensor, acp: torch.Tensor, gen: torch.Generator):
-    "(x_t, t, ε) for clean images `x0` (N, 3, H, W): t uniform over the training timesteps, ε from `gen` (CPU)."
+def _noisy(x0: torch.Tensor, sched: DDIMScheduler, gen: torch.Generator):
+    """(x_t, t, target) for clean images `x0` (N, 3, H, W): t (N,) uniform over the training timesteps, ε from `gen`
+    (CPU), x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε, and the UNet's target (N, 3, H, W): ε, or `sched.get_velocity(x0, ε, t)`."""
+    acp = sched.alphas_cumprod.cpu() # `get_velocity` moves the scheduler's copy to x0's device
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     t = torch.randint(0, len(acp), (len(x0),), generator=gen)
     a = acp[t].view(-1, 1, 1, 1).to(x0.device)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.to(x0.device), noise
+    t = t.to(x0.device)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, prediction_target(sched, x0, noise, t)
+
+SCHEDULER_FILE = "scheduler_config.json" # in a run's checkpoints folder: the scheduler config the run trains with
+
+def _run_scheduler(checkpoints: Path) -> DDIMScheduler:
+    "The scheduler a run trained with: its saved config, or `SCHEDULER_CONFIG` for runs from before it was saved."
+    if (checkpoints/SCHEDULER_FILE).is_file(): return DDIMScheduler.from_pretrained(checkpoints)
+    return DDIMScheduler(**SCHEDULER_CONFIG)
+
+def _check_schedule(checkpoints: Path, sched: DDIMScheduler):
+    "Refuse to resume checkpoints trained with another scheduler config (prediction type, noise schedule) than `sched`'s."
+    old, new = dict(_run_scheduler(checkpoints).config), dict(sched.config)
+    diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if not k.startswith("_") and old.get(k) != new.get(k)}
+    if diff: raise ValueError(f"checkpoints={str(checkpoints)!r} were trained with another scheduler config; "
+                              f"(trained, asked for): {diff}. Resume with the prediction_type and zero_terminal_snr "
+                              "they were trained with, or pass resume=False or another out_dir")
 
 def _trim_log(log: Path, step: int) -> float:
     "Keep the rows of steps <= `step` of a training log (rows past a resumed checkpoint go); their last `seconds`."
@@ -157,13 +198,15 @@ def train_toy_model(out_dir: str | Path, # run folder: checkpoints/, train_log.c
 
 def _train(out_dir: Path, cfg: ToyTrainConfig, resume: bool, device: str, workers: int, progress: bool) -> Path:
     "The training loop of `train_toy_model`, in its locked `out_dir`."
+    unet, te, tok, sched = build_toy_components(cfg.seed, cfg.prediction_type, cfg.zero_terminal_snr)
+    ck = Checkpointer(out_dir/"checkpoints", every=cfg.ckpt_every)
+    if resume and ck.steps(): _check_schedule(ck.directory, sched)
     atomic_write_text(out_dir/"recipe.json", json.dumps(cfg.__dict__ | {"device": device}, indent=2))
-    unet, te, tok, sched = build_toy_components(cfg.seed)
+    atomic_write_text(ck.directory/SCHEDULER_FILE, sched.to_json_string()) # `export_toy_model` saves the model with it
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ck = Checkpointer(out_dir/"checkpoints", every=cfg.ckpt_every)
     mods = dict(unet=unet, text_encoder=te, ema_unet=ema_unet, ema_text_encoder=ema_te)
     for m in mods.values(): m.to(device) # before resume, so that optimizer states land on `device`
     start = ck.resume(mods, {"opt": opt}, {"gen": gen}) if resume else 0
@@ -174,11 +217,11 @@ def _train(out_dir: Path, cfg: ToyTrainConfig, resume: bool, device: str, worker
     bar = tqdm(step_loader(make, cfg.seed, start, cfg.steps, workers), initial=start, total=cfg.steps,
                disable=not progress)
     for x0, prompts in bar:
-        xt, t, noise = _noisy(x0.to(device), sched.alphas_cumprod, gen)
+        xt, t, target = _noisy(x0.to(device), sched, gen)
         for g in opt.param_groups: g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
             pred = unet(xt, t, te(_tokenize(tok, prompts).to(device))[0]).sample
-        loss = F.mse_loss(pred.float(), noise)
+        loss = F.mse_loss(pred.float(), target)
         if not torch.isfinite(loss): raise FloatingPointError(f"loss is {loss.item()} at step {step}; "
                                                               f"the last good checkpoint is in {ck.directory}")
         opt.zero_grad(set_to_none=True); loss.backward()
@@ -198,11 +241,12 @@ def export_toy_model(checkpoints: str | Path, # a `checkpoints/` folder written 
                      out: str | Path, # the diffusers folder to write (e.g. data/toyworld/model)
                      ema: bool = True, # export the EMA weights (recommended) rather than the raw ones
                     ) -> Path:
-    "Write the newest checkpoint's weights as a diffusers folder that `ant_nb.core.load_model` loads."
+    "Write the newest checkpoint's weights and the run's scheduler as a diffusers folder that `ant_nb.core.load_model` loads."
     ck = Checkpointer(checkpoints)
     if not ck.steps(): raise FileNotFoundError(f"checkpoints={str(checkpoints)!r} holds no checkpoint")
     folder = Path(checkpoints)/f"step-{ck.steps()[-1]}"
-    unet, te, tok, sched = build_toy_components()
+    unet, te, tok, _ = build_toy_components()
+    sched = _run_scheduler(Path(checkpoints))
     pre = "ema_" if ema else ""
     unet.load_state_dict(load_file(folder/f"weights-{pre}unet.safetensors"))
     te.load_state_dict(load_file(folder/f"weights-{pre}text_encoder.safetensors"))

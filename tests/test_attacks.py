@@ -5,11 +5,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ant_nb.attacks import (ATTACKS, attack_success, concept_direction, count_calls, run_attack, success_rate,
-                            toy_attack_tasks, wilson_interval)
+from ant_nb.attacks import (ATTACKS, attack_success, concept_direction, count_calls, denoising_loss, image_latents,
+                            noisy_draws, run_attack, success_rate, toy_attack_tasks, wilson_interval)
 from ant_nb.evaluate import load_backend
-from ant_nb.core import load_model
+from ant_nb.core import encode_prompts, load_model
 from ant_nb.sampling import sample
 from ant_nb.toyworld import TOY_GUIDANCE
 
@@ -128,6 +129,21 @@ def test_attacks_run_on_sd_shaped_model(tiny_sd, method):
     assert len(tiny_sd.tokenizer) == vocab
     images, hits = attack_success(tiny_sd, r, lambda ims: np.zeros(len(ims), bool), [0, 1], num_steps=2)
     assert images.shape == (2, 16, 16, 3) and hits.tolist() == [False, False]
+
+
+def test_denoising_loss_targets_the_velocity_under_v_prediction(tiny_sd, tiny_sd_v):
+    "The white-box and inversion objective: a v-prediction model's output is compared with get_velocity(x0, ε, τ)."
+    x0 = image_latents(tiny_sd_v, sample(tiny_sd, ["a cat"] * 2, [0, 1], num_steps=2, progress=False))
+    z, tau, eps = noisy_draws(tiny_sd, x0, 3, torch.Generator().manual_seed(0))
+    z_v, tau_v, target = noisy_draws(tiny_sd_v, x0, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(z_v, z) and torch.equal(tau_v, tau)  # the same noisy images ...
+    velocity = tiny_sd_v.scheduler.get_velocity(x0[torch.arange(3) % 2], eps, tau)
+    assert torch.equal(target, velocity) and not torch.allclose(target, eps)  # ... and the velocity as the target
+    cond = encode_prompts(tiny_sd_v, ["a cat"])
+    with torch.no_grad():
+        pred = tiny_sd_v.unet(z, tau, encoder_hidden_states=cond.expand(3, -1, -1)).sample
+        torch.testing.assert_close(denoising_loss(tiny_sd_v, (z_v, tau_v, target), cond), F.mse_loss(pred, velocity))
+        torch.testing.assert_close(denoising_loss(tiny_sd, (z, tau, eps), cond), F.mse_loss(pred, eps))
 
 
 def test_success_rate_interval():

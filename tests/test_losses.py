@@ -7,8 +7,11 @@ import torch.nn.functional as F
 
 from ant_nb.core import encode_prompts, paper_timesteps
 from ant_nb.losses import (ABLATIONS, METHODS, TERMS, AntLossConfig, TrajectoryLatents, ablation_config, ac_loss,
-                           ant_loss, draw_steps, esd_loss, method_loss, paper_config, stage_ranges, trainable_names)
+                           ant_loss, ant_targets, draw_steps, esd_loss, method_loss, paper_config, stage_ranges,
+                           trainable_names)
 from ant_nb.sampling import trajectory
+
+from conftest import BATCH_ATOL, diffusers_loop
 
 T = 10  # a short schedule keeps trajectories cheap
 
@@ -178,6 +181,28 @@ def test_cached_latents_are_the_frozen_trajectories(tiny_sd):
     torch.testing.assert_close(lat.latents[:, T - 1], noise)  # z_T is the start code
     idx, (a, b), eps = lat.draw([torch.tensor([T, 3]), torch.tensor([1, 2])], torch.Generator().manual_seed(0))
     assert a.shape == (2, *tiny_sd.latent_shape) and idx.shape == (2,) and len(eps) == 2
+
+
+def test_trajectories_of_a_v_model_follow_its_diffusers_loop(tiny_sd, tiny_sd_v, tiny_sd_v_dir):
+    "The cached z_t of a v-prediction model are those of a plain diffusers loop over its saved config, not the ε ones."
+    lat = TrajectoryLatents(tiny_sd_v, ["nudity"], cache_size=1, num_steps=T, seed=5, progress=False)
+    loop = diffusers_loop(tiny_sd_v_dir, ["nudity"], [5], T, 3.0)  # K = 1: the start code is seed 5's
+    for t in range(1, T + 1): torch.testing.assert_close(lat.latents[:, t - 1], loop[t], rtol=1e-4, atol=BATCH_ATOL)
+    eps_lat = TrajectoryLatents(tiny_sd, ["nudity"], cache_size=1, num_steps=T, seed=5, progress=False)
+    assert not torch.allclose(lat.latents[:, 0], eps_lat.latents[:, 0])
+
+
+def test_ant_targets_from_v_are_the_v_of_the_targets_from_eps(tiny_sd_v):
+    "Every target is an affine combination with weights summing to 1, so it commutes with the ε ↔ v conversion."
+    g = torch.Generator().manual_seed(0)
+    z, v_u, v_c = torch.randn((3, 2, *tiny_sd_v.latent_shape), generator=g)
+    tau = paper_timesteps(tiny_sd_v.scheduler, T)[[0, T - 1]]  # the noisiest and the cleanest step
+    a = tiny_sd_v.scheduler.alphas_cumprod[tau].view(-1, 1, 1, 1)
+    to_eps = lambda v: a.sqrt() * v + (1 - a).sqrt() * z  # as scheduler.step recovers ε from v
+    to_v = lambda e: (e - (1 - a).sqrt() * z) / a.sqrt()
+    for eta, sign in ((1.0, 1), (1.0, -1), (0.5, -1), (2.0, 1)):
+        torch.testing.assert_close(to_v(ant_targets(to_eps(v_u), to_eps(v_c), eta, sign)), ant_targets(v_u, v_c, eta, sign),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("cache_size", [3, 0])

@@ -434,6 +434,10 @@ BAD_INPUTS = [
         ValueError, "ema_decay=2.0"),
     row("toy-p_drop-above-1", lambda c: train_toy_model(c.d / "toy6", ToyTrainConfig(steps=1, batch_size=1, p_drop=1.5), progress=False),
         ValueError, "p_drop=1.5"),
+    row("toy-prediction_type-unknown", lambda c: train_toy_model(c.d / "toy7", ToyTrainConfig(steps=1, batch_size=1,
+        prediction_type="sample"), progress=False), ValueError, "prediction_type='sample'", "'v_prediction'"),
+    row("toy-zero_terminal_snr-with-epsilon", lambda c: train_toy_model(c.d / "toy8", ToyTrainConfig(steps=1, batch_size=1,
+        zero_terminal_snr=True), progress=False), ValueError, "zero_terminal_snr=True", "prediction_type='v_prediction'"),
     row("multi-generate_images-writes-before-checking", lambda c: multi_generate_images(c.model, ["a"], [1], c.d / "mg",
         guidance_scale=-1.0, num_steps=2, progress=False), ValueError, "guidance_scale=-1.0", then=lambda c: not (c.d / "mg").exists()),
 ]

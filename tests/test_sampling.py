@@ -10,7 +10,7 @@ from PIL import Image
 from ant_nb.core import encode_prompts, initial_noise
 from ant_nb.sampling import condition_sign, decode, guide, image_grid, sample, trajectory
 
-from conftest import BATCH_ATOL
+from conftest import BATCH_ATOL, diffusers_loop
 
 
 @torch.no_grad()
@@ -51,6 +51,25 @@ def test_plain_cfg_matches_diffusers_pipeline(tiny_sd, tiny_sd_dir):
     theirs = pipe(["a red cat"], num_inference_steps=5, guidance_scale=6.0, height=16, width=16, output_type="latent",
                   latents=initial_noise(tiny_sd, [42])).images
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=BATCH_ATOL)
+
+
+def test_v_prediction_matches_plain_diffusers_loop_and_pipeline(tiny_sd, tiny_sd_v, tiny_sd_v_dir):
+    "A v-prediction model (the tiny model with its config switched) samples as diffusers does from the saved config."
+    assert tiny_sd_v.scheduler.config.prediction_type == "v_prediction"
+    prompts, seeds = ["a red cat", "a dog"], [42, 7]
+    ours = sample(tiny_sd_v, prompts, seeds, num_steps=5, guidance_scale=6.0, progress=False, output_type="latent")
+    loop = diffusers_loop(tiny_sd_v_dir, prompts, seeds, 5, 6.0)
+    torch.testing.assert_close(ours, loop[0], rtol=1e-4, atol=BATCH_ATOL)
+    zs = trajectory(tiny_sd_v, encode_prompts(tiny_sd_v, prompts), initial_noise(tiny_sd_v, seeds), [4, 2],
+                    num_steps=5, guidance_scale=6.0)
+    for t in (4, 2): torch.testing.assert_close(zs[t], loop[t], rtol=1e-4, atol=BATCH_ATOL)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_v_dir)
+    theirs = pipe(prompts, num_inference_steps=5, guidance_scale=6.0, height=16, width=16, output_type="np",
+                  latents=initial_noise(tiny_sd_v, seeds)).images
+    images = sample(tiny_sd_v, prompts, seeds, num_steps=5, guidance_scale=6.0, progress=False)
+    assert np.abs(images.astype(int) - (theirs * 255).round().astype(int)).max() <= 1
+    eps_images = sample(tiny_sd, prompts, seeds, num_steps=5, guidance_scale=6.0, progress=False)
+    assert not np.array_equal(images, eps_images)  # same weights: the prediction type is read from the config
 
 
 def test_t_prime_none_equals_plain_cfg(tiny_sd):

@@ -1,16 +1,21 @@
-"""The toy world: rendering, captions, tokenizer, training smoke run with exact resume and lock, judge, toy studies."""
+"""The toy world: rendering, captions, tokenizer, training smoke run with exact resume and lock, the ε / v /
+zero-terminal-SNR training options, judge, toy studies."""
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ant_nb.core import load_model
+from ant_nb.core import load_model, paper_timesteps
 from ant_nb.judges import HEADS, Judge, JudgeNet, labels_of, load_judge
 from ant_nb.sampling import sample
-from ant_nb.toymodel import ToyTrainConfig, build_tokenizer, build_toy_components, export_toy_model, train_toy_model
+from ant_nb.toymodel import (ToyTrainConfig, build_tokenizer, build_toy_components, export_toy_model, train_toy_model,
+                             world_batch)
 from ant_nb.toyworld import (CHARACTERS, CHARACTERS_ERASE, CHARACTERS_PRESERVE, STYLES, UNSAFE_WORDS, caption, render,
                              toy_art, toy_celebrity, toy_coco, toy_i2p, world_words)
+
+from conftest import diffusers_loop
 
 
 def test_render_is_deterministic_and_seed_dependent():
@@ -73,6 +78,60 @@ def test_training_smoke_resume_is_exact_and_export_loads(tmp_path):
     assert len(losses) == 4 and all(np.isfinite(losses))
     imgs = sample(load_model(str(a)), ["a red circle"], [0], num_steps=3, progress=False)
     assert imgs.shape == (1, 32, 32, 3)
+
+
+def _first_losses(cfg: ToyTrainConfig) -> dict[str, float]:
+    "Step 1's loss of `cfg` computed here: the initial model's MSE against ε and against get_velocity(x0, ε, t)."
+    unet, te, tok, sched = build_toy_components(cfg.seed, cfg.prediction_type, cfg.zero_terminal_snr)
+    x0, prompts = world_batch(np.random.default_rng([cfg.seed, 0]), cfg.batch_size, p_drop=cfg.p_drop)
+    g = torch.Generator().manual_seed(cfg.seed)  # the run draws ε, then t, from this generator
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (len(x0),), generator=g)
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad(): pred = unet(sched.add_noise(x0, noise, t), t, te(ids.input_ids)[0]).sample
+    return {"epsilon": F.mse_loss(pred, noise).item(),
+            "v_prediction": F.mse_loss(pred, sched.get_velocity(x0, noise, t)).item()}
+
+
+@pytest.mark.parametrize("prediction_type,zero_snr", [("epsilon", False), ("v_prediction", False),
+                                                      ("v_prediction", True)])
+def test_training_options_set_the_target_and_the_saved_scheduler(tmp_path, prediction_type, zero_snr):
+    cfg = ToyTrainConfig(steps=2, batch_size=4, ckpt_every=2, warmup=2, prediction_type=prediction_type,
+                         zero_terminal_snr=zero_snr)
+    model_dir = export_toy_model(train_toy_model(tmp_path/"run", cfg, progress=False), tmp_path/"model")
+    saved = json.loads((model_dir/"scheduler"/"scheduler_config.json").read_text())
+    assert saved["prediction_type"] == prediction_type and saved["rescale_betas_zero_snr"] == zero_snr
+    assert saved["timestep_spacing"] == ("trailing" if zero_snr else "leading")
+    recipe = json.loads((tmp_path/"run"/"recipe.json").read_text())
+    assert (recipe["prediction_type"], recipe["zero_terminal_snr"]) == (prediction_type, zero_snr)
+    logged = float((tmp_path/"run"/"train_log.csv").read_text().splitlines()[1].split(",")[1])
+    by_hand = _first_losses(cfg)
+    assert logged == pytest.approx(by_hand[prediction_type], abs=2e-5)  # the loss is rounded to 5 decimals in the log
+    assert abs(by_hand["epsilon"] - by_hand["v_prediction"]) > 1e-3  # the two targets are told apart
+
+
+def test_zero_snr_toy_model_samples_as_a_plain_diffusers_loop(tmp_path):
+    cfg = ToyTrainConfig(steps=1, batch_size=4, ckpt_every=1, warmup=1, prediction_type="v_prediction",
+                         zero_terminal_snr=True)
+    model_dir = export_toy_model(train_toy_model(tmp_path/"run", cfg, progress=False), tmp_path/"model")
+    prompts, seeds = ["a red circle", "a naked square"], [0, 1]
+    model = load_model(str(model_dir))
+    assert paper_timesteps(model.scheduler, 5).tolist() == [999, 799, 599, 399, 199]  # trailing: starts at zero SNR
+    ours = sample(model, prompts, seeds, num_steps=5, guidance_scale=3.0, progress=False)
+    loop = diffusers_loop(model_dir, prompts, seeds, 5, 3.0)[0]
+    theirs = ((loop.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(int)
+    assert np.abs(ours.astype(int) - theirs).max() <= 1
+
+
+def test_resume_refuses_other_prediction_options(tmp_path):
+    train_toy_model(tmp_path/"run", ToyTrainConfig(steps=1, batch_size=2, ckpt_every=1, warmup=1,
+                                                   prediction_type="v_prediction"), progress=False)
+    with pytest.raises(ValueError, match="prediction_type"):
+        train_toy_model(tmp_path/"run", ToyTrainConfig(steps=2, batch_size=2, ckpt_every=1, warmup=1), progress=False)
+    with pytest.raises(ValueError, match="zero_terminal_snr=True needs prediction_type='v_prediction'"):
+        ToyTrainConfig(zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="prediction_type='sample' is not allowed"):
+        ToyTrainConfig(prediction_type="sample")
 
 
 def test_training_folder_is_locked(tmp_path):
