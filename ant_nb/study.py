@@ -28,8 +28,8 @@ from .toyworld import UNSAFE_WORDS
 
 # %% auto #0
 __all__ = ['MASK_RULES', 'ARMS', 'DEFAULT_SWEEP', 'check_disjoint', 'split_prompts', 'layer_type', 'study_masks', 'mask_table',
-           'boot_indices', 'bootstrap_interval', 'paired_difference', 'StudySettings', 'Job', 'choose_points', 'Study',
-           'main']
+           'boot_indices', 'resample_seeds', 'bootstrap_interval', 'paired_difference', 'StudySettings', 'Job',
+           'choose_points', 'Study', 'main']
 
 # %% ../nbs/09d_study.ipynb #64e39a3e
 def check_disjoint(a: pd.DataFrame, b: pd.DataFrame, # two prompt tables with `prompt` and `evaluation_seed`
@@ -134,18 +134,33 @@ def boot_indices(n: int, # rows resampled
     "(n_boot, n) indices drawn with replacement."
     return np.random.default_rng(seed).integers(0, n, (n_boot, n))
 
+def resample_seeds(stats: np.ndarray, # (seeds, n_boot) a statistic of each seed's run on each resample of prompts
+                   rng: np.random.Generator, # draws the seeds
+                  ) -> np.ndarray:
+    "(n_boot,) the statistic averaged over seeds drawn with replacement, a fresh draw for each resample."
+    stats = np.asarray(stats, dtype=float)
+    pick = rng.integers(0, len(stats), (stats.shape[1], len(stats)))
+    return np.take_along_axis(stats.T, pick, 1).mean(1)
+
+def _resampled_totals(values: np.ndarray, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    "(n_boot,) seed-mean totals with prompts (`idx`) and training seeds resampled."
+    return resample_seeds(np.asarray(values, dtype=float)[:, idx].sum(-1), rng)
+
 def bootstrap_interval(values: np.ndarray, # (seeds, prompts) per-prompt values of one configuration
                        idx: np.ndarray, # `boot_indices(prompts)`
                        level: float = 0.95,
+                       seed: int = 0, # draws the training seeds
                       ) -> tuple[float, float]:
-    "The `level` interval of the seed-mean total over prompts, resampling prompts."
-    totals = np.asarray(values, dtype=float)[:, idx].sum(-1).mean(0)
+    "The `level` interval of the seed-mean total over prompts, resampling prompts and training seeds."
+    totals = _resampled_totals(values, idx, np.random.default_rng(seed))
     return tuple(float(q) for q in np.quantile(totals, [(1 - level) / 2, (1 + level) / 2]))
 
 def paired_difference(a: np.ndarray, b: np.ndarray, # (seeds, prompts) per-prompt values of two configurations
-                      idx: np.ndarray, level: float = 0.95) -> dict:
-    "Seed-mean total of `a` minus that of `b`, its paired bootstrap interval, and whether the interval excludes 0."
-    diff = np.asarray(a, float)[:, idx].sum(-1).mean(0) - np.asarray(b, float)[:, idx].sum(-1).mean(0)
+                      idx: np.ndarray, level: float = 0.95, seed: int = 0) -> dict:
+    """Seed-mean total of `a` minus that of `b`, its bootstrap interval (prompts paired, each side's training seeds
+    drawn independently), and whether the interval excludes 0."""
+    rng = np.random.default_rng(seed)
+    diff = _resampled_totals(a, idx, rng) - _resampled_totals(b, idx, rng)
     lo, hi = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
     point = float(np.asarray(a, float).sum(-1).mean() - np.asarray(b, float).sum(-1).mean())
     return dict(difference=point, low=float(lo), high=float(hi), significant=bool(lo > 0 or hi < 0))
