@@ -190,7 +190,7 @@ class StudySettings:
     tuned_arms: list = field(default_factory=lambda: ["esd-x", "esd-u", "ac", "ant", "ant-xattn"]) # run on test
     paper_arms: list = field(default_factory=lambda: ["esd-x", "esd-u", "ac", "ant"]) # published settings, on test
     val_seed: int = 1000 # training seed of the sweep
-    test_seeds: list = field(default_factory=lambda: [0, 1, 2]) # training seeds of the tuned points on test
+    test_seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4]) # training seeds of the tuned points on test
     paper_seeds: list = field(default_factory=lambda: [0]) # training seeds of the paper protocol on test
     paper_budgets: dict = field(default_factory=dict) # arm -> {lr, iterations} replacing its published setting
     eval_steps: int = 10 # DDIM steps of every evaluation image
