@@ -111,31 +111,47 @@ def check_table(study: Study) -> pd.DataFrame:
                                   for c in df.columns if c.startswith("detections_")})
     return df
 
-def tradeoff_figure(study: Study):
-    "Left: the validation sweep per arm (Fréchet distance vs detections), chosen points circled. Right: the test split."
-    import matplotlib.pyplot as plt
+def _arm_colours(arms: list[str]) -> dict[str, tuple]:
+    "One colour per arm (the same in every panel); the original in black."
     import seaborn as sns
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    sw, res = sweep_table(study), study_results(study)
-    orig = res[(res.arm == "original")].set_index("split")
-    sns.lineplot(sw.sort_values("lr"), x="fd", y="total", hue="arm", marker="o", sort=False, ax=ax, legend="brief")
+    pal = sns.color_palette("tab20", 20)
+    return {"original": (0, 0, 0), **dict(zip(arms, (pal[0::2] + pal[1::2]) * (1 + len(arms) // 20)))}
+
+def _sweep_panel(ax, study: Study, sw: pd.DataFrame, orig: pd.DataFrame, title: str, colours: dict):
+    "One arm group's validation sweep on `ax`: a line per arm over its learning rates, chosen points circled."
+    import seaborn as sns
+    sns.lineplot(sw.sort_values("lr"), x="fd", y="total", hue="arm", style="arm", markers=True, dashes=False, sort=False,
+                 ax=ax, palette={a: colours[a] for a in sw.arm.unique()})
     ch = sw[sw.chosen]
     ax.scatter(ch.fd, ch.total, s=160, facecolors="none", edgecolors="k", label="chosen")
     if "validation" in orig.index:
-        ax.axvline(study.s.fd_slack * orig.loc["validation", "fd"], ls="--", c="gray", lw=1)
-        ax.scatter([orig.loc["validation", "fd"]], [orig.loc["validation", "total"]], marker="*", s=150, c="k")
+        ax.axvline(study.s.fd_slack * orig.loc["validation", "fd"], ls="--", c="gray", lw=1, label="FD bound")
+        ax.scatter([orig.loc["validation", "fd"]], [orig.loc["validation", "total"]], marker="*", s=150, c="k",
+                   label="original")
     ax.set(xscale="log", xlabel="Fréchet distance (validation captions)", ylabel="detections (validation prompts)",
-           title=f"validation sweep ({study.s.iterations} iterations, seed {study.s.val_seed})")
+           title=title)
     ax.legend(fontsize=6, ncol=2)
+
+def tradeoff_figure(study: Study):
+    """Validation sweeps (Fréchet distance vs detections; left: the methods run on the test split, middle: the other
+    arms, with the package's ANT for reference), chosen points circled; right: the test split with 95 % intervals."""
+    import matplotlib.pyplot as plt
+    fig, (ax, mx, bx) = plt.subplots(1, 3, figsize=(16, 4.6))
+    sw, res = sweep_table(study), study_results(study)
+    orig, colours = res[(res.arm == "original")].set_index("split"), _arm_colours(list(study.s.sweep))
+    main = sw.arm.isin(study.s.tuned_arms)
+    _sweep_panel(ax, study, sw[main], orig, f"validation sweep: methods ({study.s.iterations} it., seed {study.s.val_seed})",
+                 colours)
+    _sweep_panel(mx, study, sw[~main | (sw.arm == "ant")], orig, "validation sweep: ANT's trained-parameter set", colours)
     t = test_table(study)
     for r in t.itertuples():
         x, y = r.fd_mean, r.det_mean
         mk = {"original": "*", "paper": "s", "tuned": "o"}[r.protocol]
         bx.errorbar(x, y, yerr=[[y - r.det_low], [r.det_high - y]],
                     xerr=None if np.isnan(r.fd_low) else [[max(x - r.fd_low, 0)], [max(r.fd_high - x, 0)]],
-                    fmt=mk, capsize=3, label=f"{r.protocol} {r.arm}")
+                    fmt=mk, capsize=3, color=colours.get(r.arm), label=f"{r.protocol} {r.arm} ({r.seeds} seed{'s' * (r.seeds > 1)})")
     bx.set(xscale="log", xlabel="Fréchet distance (test captions)", ylabel="detections (test prompts)",
-           title="test split: mean over seeds, 95 % bootstrap intervals")
+           title="test split: seed means, 95 % intervals")
     bx.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
