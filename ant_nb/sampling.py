@@ -54,6 +54,7 @@ def _denoise(model: DiffusionModel, # supplies UNet and noise schedule
              scale: float | torch.Tensor, # guidance scale s
              t_prime: int | None = None, # t' (paper step); None: plain CFG
              eps_out: dict | None = None, # when given, receives {t: (ε_u, ε_c)}, the UNet's outputs (ε or v) at z_t
+             x0_out: dict | None = None, # when given, receives {t: x̂₀ (N, C, H, W)}, `scheduler.step`'s clean estimate from z_t
             ) -> Iterator[tuple[int, torch.Tensor]]:
     "Yield (t, z_t) for paper steps t = T, ..., 1 and then (0, z_0): DDIM sampling with Eq. 1–2 guidance."
     sched = _ddim(model, num_steps, noise.device)
@@ -66,7 +67,9 @@ def _denoise(model: DiffusionModel, # supplies UNet and noise schedule
         eps_u, eps_c = model.unet(z_in, tau, encoder_hidden_states=embeds).sample.chunk(2)
         if eps_out is not None: eps_out[t] = (eps_u, eps_c)
         eps = guide(eps_u, eps_c, scale, reverse=condition_sign(t, t_prime) < 0)
-        z = sched.step(eps, tau, z).prev_sample
+        step = sched.step(eps, tau, z)
+        if x0_out is not None: x0_out[t] = step.pred_original_sample
+        z = step.prev_sample
     yield 0, z
 
 # %% ../nbs/02_sampling.ipynb #9fec1423
@@ -106,8 +109,8 @@ def _check_sampling(model, prompts, seeds, num_steps, guidance_scale, t_prime, b
     batch_size = check_int("batch_size", batch_size, 1)
     return prompts, seeds, _check_scales(guidance_scale, len(prompts)), num_steps, t_prime, batch_size
 
-def _sample_batches(model, prompts, seeds, scales, num_steps, t_prime, batch_size, progress):
-    "Yield z_0 (B, C, H, W) for consecutive batches of prompts, with one progress bar over all steps."
+def _sample_batches(model, prompts, seeds, scales, num_steps, t_prime, batch_size, progress, x0_parts=None):
+    "Yield z_0 (B, C, H, W) for consecutive batches of prompts, one progress bar over all steps; fill `x0_parts` {t: [x̂₀ per batch]}."
     uncond = encode_prompts(model, [""])
     n_batches = -(-len(prompts) // batch_size)
     with tqdm(total=n_batches * num_steps, desc="sampling", unit="step", disable=not progress) as bar:
@@ -115,8 +118,10 @@ def _sample_batches(model, prompts, seeds, scales, num_steps, t_prime, batch_siz
             cond = encode_prompts(model, prompts[i:i + batch_size])
             noise = initial_noise(model, seeds[i:i + batch_size])
             scale = scales[i:i + batch_size].view(-1, 1, 1, 1).to(model.device, model.dtype)
-            for t, z in _denoise(model, cond, uncond, noise, num_steps, scale, t_prime):
+            x0 = None if x0_parts is None else {}
+            for t, z in _denoise(model, cond, uncond, noise, num_steps, scale, t_prime, x0_out=x0):
                 if t < num_steps: bar.update(1)
+            for t, x in (x0 or {}).items(): x0_parts.setdefault(t, []).append(x.cpu())
             yield z
 
 OUTPUT_TYPES = ("np", "latent")
@@ -130,14 +135,17 @@ def sample(model: DiffusionModel, # the model to sample from
            batch_size: int = 16, # prompts per UNet batch (each batch runs 2·batch_size UNet inputs)
            progress: bool = True, # show a tqdm bar
            output_type: str = "np", # "np": uint8 images (N, H, W, 3); "latent": z_0 (N, C, H, W) on the model's device
+           x0_out: dict | None = None, # when given, receives {t: x̂₀ (N, C, H, W) on the CPU} for paper steps t = T, ..., 1
           ) -> np.ndarray | torch.Tensor:
     "Images (or final latents) from DDIM sampling with CFG, reversed for paper steps t ≤ `t_prime` (Eq. 1–2)."
     check_choice("output_type", output_type, OUTPUT_TYPES)
     prompts, seeds, scales, num_steps, t_prime, batch_size = _check_sampling(
         model, prompts, seeds, num_steps, guidance_scale, t_prime, batch_size)
-    batches = _sample_batches(model, prompts, seeds, scales, num_steps, t_prime, batch_size, progress)
-    if output_type == "latent": return torch.cat(list(batches))
-    return np.concatenate([decode(model, z) for z in batches])
+    parts = None if x0_out is None else {}
+    batches = _sample_batches(model, prompts, seeds, scales, num_steps, t_prime, batch_size, progress, parts)
+    out = torch.cat(list(batches)) if output_type == "latent" else np.concatenate([decode(model, z) for z in batches])
+    if x0_out is not None: x0_out.update({t: torch.cat(xs) for t, xs in parts.items()})
+    return out
 
 # %% ../nbs/02_sampling.ipynb #33dee8f5
 @torch.no_grad()

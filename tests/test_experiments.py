@@ -10,7 +10,7 @@ NBS = Path(__file__).resolve().parents[1]/"nbs"
 
 # notebook -> tiny parameters (each run must take well under a minute on 2 cores)
 TINY = {
-    "10_insight.ipynb": dict(n_prompts=3, t_primes=[None, 2], num_steps=3),
+    "10_insight.ipynb": dict(n_prompts=3, t_primes=[None, 2], num_steps=3, decision_n=2, decision_n_concepts=1),
     "11_train_toyworld.ipynb": dict(n_quality=8, num_steps=3),
     "30_celebrity.ipynb": dict(methods=["ant-fusion"], ablations=["C"], steps=1, cache_size=1, per_concept=1,
                                n_prior=2, num_steps=2),
