@@ -21,7 +21,7 @@ from .study import ARMS, Study, study_masks
 from .toyworld import CHARACTERS, STYLES, TOY_GUIDANCE, caption, toy_art, toy_celebrity
 
 # %% auto #0
-__all__ = ['TRANSFER_TARGETS', 'transfer_prompts', 'phrasings', 'preset_transfer', 'transfer_verdict']
+__all__ = ['TRANSFER_TARGETS', 'PHRASING_FORMS', 'transfer_prompts', 'phrasings', 'preset_transfer', 'transfer_verdict']
 
 # %% ../nbs/09f_transfer.ipynb #bee874a7
 TRANSFER_TARGETS = { # target -> (family, neighbours that must be kept)
@@ -39,8 +39,14 @@ def transfer_prompts(family: str, # "character" or "style"
     df = df.rename(columns={"character": "concept", "artist": "concept"})
     return df[df.concept.isin(names)].assign(evaluation_guidance=TOY_GUIDANCE).reset_index(drop=True)
 
-def phrasings(family: str, name: str) -> list[str]:
+PHRASING_FORMS = ["prompts", "name"] # how a transfer target is phrased for erasure
+
+def phrasings(family: str, name: str,
+              form: str = "prompts", # "prompts": two prompts of the family's templates; "name": the bare name
+             ) -> list[str]:
     "The phrasings a concept is erased with (and its saliency maps taken from)."
+    check_choice("form", form, PHRASING_FORMS)
+    if form == "name": return [name]
     if family == "character": return [f"a portrait of {name}", f"a portrait of {name} on the left"]
     return [caption(dict(shape="circle", colour="red", style=name)), caption(dict(shape="square", colour="blue", style=name))]
 
@@ -55,9 +61,12 @@ def preset_transfer(study: Study, # a finished sweep (its chosen points are the 
                     targets: dict = TRANSFER_TARGETS,
                     per_concept: int = 16, # prompts (seeds) per concept
                     seed: int = 0, # training seed
+                    form: str = "prompts", # how the target is phrased for erasure (`phrasings`)
+                    lr: float | None = None, # every arm's learning rate instead of its chosen one (a strength check)
                     progress: bool = True,
                    ) -> pd.DataFrame:
     "Per arm, target and neighbour: accuracy before and after erasing the target with the arm's chosen preset."
+    check_choice("form", form, PHRASING_FORMS)
     judge = getattr(study.backend, "judge", None)
     if judge is None: raise ValueError("preset_transfer needs the toy world's judge (a backend named 'toy')")
     chosen = study._choices()
@@ -70,28 +79,27 @@ def preset_transfer(study: Study, # a finished sweep (its chosen points are the 
         folder = study.out / "transfer" / target.replace(" ", "-")
         gen = dict(num_steps=steps, batch_size=study.s.batch_size, progress=False)
         before = _accuracy(judge, eval_images(study.model, table, folder / "original", **gen), table, family)
-        masks, lat = None, None
+        masks, lat, words = None, None, phrasings(family, target, form)
         for arm in arms:
             method, rule = ARMS[arm]
-            lr, it = float(chosen.loc[arm, "lr"]), int(chosen.loc[arm, "iterations"])
-            record = folder / f"{arm}-lr{lr:g}-it{it}-s{seed}.json"
+            a_lr, it = float(chosen.loc[arm, "lr"] if lr is None else lr), int(chosen.loc[arm, "iterations"])
+            record = folder / f"{arm}{'' if form == 'prompts' else '-' + form}-lr{a_lr:g}-it{it}-s{seed}.json"
             with folder_lock(folder):
                 if not record.is_file():
                     if rule is not None and masks is None:
-                        masks = study_masks(study.model, phrasings(family, target), study.s.mask_seeds, study.config,
-                                            progress=False)
+                        masks = study_masks(study.model, words, study.s.mask_seeds, study.config, progress=False)
                     if lat is None and method != "ac": # the frozen model's trajectories, shared by the arms
-                        lat = TrajectoryLatents(study.model, phrasings(family, target), study.s.cache_size,
+                        lat = TrajectoryLatents(study.model, words, study.s.cache_size,
                                                 num_steps=study.config.num_steps, seed=seed, progress=False)
-                    erased = erase_concept(study.model, phrasings(family, target), method,
-                                           mask=None if rule is None else masks[rule], iterations=it, lr=lr, seed=seed,
+                    erased = erase_concept(study.model, words, method,
+                                           mask=None if rule is None else masks[rule], iterations=it, lr=a_lr, seed=seed,
                                            config=study.config, preset=study.s.preset, cache_size=study.s.cache_size,
                                            trajectories=None if method == "ac" else lat, progress=False)
                     after = _accuracy(judge, eval_images(erased, table, folder / record.stem, **gen), table, family)
                     atomic_write_text(record, json.dumps(after.to_dict()))
             after = pd.Series(json.loads(record.read_text()))
             for c in [target, *neighbours]:
-                rows.append(dict(arm=arm, lr=lr, iterations=it, target=target, concept=c,
+                rows.append(dict(arm=arm, phrasing=form, lr=a_lr, iterations=it, target=target, concept=c,
                                  role="target" if c == target else "neighbour", n=per_concept,
                                  original=float(before[c]), erased=float(after[c]),
                                  kept=float(after[c] / before[c]) if before[c] > 0 else float("nan")))
@@ -103,8 +111,8 @@ def transfer_verdict(df: pd.DataFrame, # `preset_transfer` rows
                     ) -> pd.DataFrame:
     "Per arm and target: whether the target is removed and every neighbour kept (the issue's bars)."
     rows = []
-    for (arm, target), g in df.groupby(["arm", "target"], sort=False):
+    for (arm, phrasing, lr, target), g in df.groupby(["arm", "phrasing", "lr", "target"], sort=False):
         t, nb = g[g.role == "target"].iloc[0], g[g.role == "neighbour"]
-        rows.append(dict(arm=arm, target=target, target_left=t.erased, removed=bool(t.erased <= max_target),
+        rows.append(dict(arm=arm, phrasing=phrasing, lr=lr, target=target, target_left=t.erased, removed=bool(t.erased <= max_target),
                          worst_neighbour_kept=float(nb.kept.min()), neighbours_kept=bool((nb.kept >= min_kept).all())))
     return pd.DataFrame(rows)

@@ -18,6 +18,7 @@ TINY = {
     "20_nsfw.ipynb": dict(n_i2p=2, n_coco=2, iterations=1, methods=["esd-x", "ant"], mask_seeds=[0],
                           concept=["nudity", "naked"], table5=False, stage_ablation=False, figure4_extra=False,
                           eval_steps=2, cache_size=1, study=True, transfer_arms=["esd-x"],
+                          transfer_variants=[{"form": "name"}], transfer_variant_arms=["esd-x"],
                           study_settings=dict(pool=400, n_test={"sexual": 3, "other": 1},
                                               n_validation={"sexual": 2, "other": 1}, n_test_captions=4,
                                               n_validation_captions=3, iterations=1, sweep={"esd-x": [1e-3], "ant": [1e-3]},
@@ -49,7 +50,8 @@ def test_experiment_notebook_runs(name, tmp_path, monkeypatch):
     assert json.loads((out/"run.json").read_text())["params"]
     assert list(out.glob("*.csv")) and list(out.glob("*.md")) and list(out.glob("*.png"))
     if params.get("study"): # the study's tables, figure and transfer check
-        for f in ("test.csv", "sweep.md", "comparisons.csv", "masks.csv", "check.csv", "tradeoff.png", "transfer.csv"):
+        for f in ("test.csv", "sweep.md", "comparisons.csv", "masks.csv", "check.csv", "tradeoff.png", "transfer.csv",
+                  "transfer_variants.csv"):
             assert (tmp_path/"study"/f).exists(), f
 
 
