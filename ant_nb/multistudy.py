@@ -297,6 +297,7 @@ class MultiStudy(JobStudy):
         return row, table[["group", "concept", "template", "prompt", "evaluation_seed"]].assign(value=value)
 
     def details(self, job: MultiJob, gram) -> dict:
+        "The evaluation's DDIM steps."
         return dict(eval_steps=self.x["num_steps"])
 
 # %% ../nbs/09g_multistudy.ipynb #bf2c9980
@@ -371,8 +372,11 @@ def tradeoff_figure(study: MultiStudy):
         x, y = getattr(r, f"{p}_mean"), getattr(r, f"{e}_mean")
         bx.errorbar(x, y, xerr=[[x - getattr(r, f"{p}_low")], [getattr(r, f"{p}_high") - x]],
                     yerr=[[y - getattr(r, f"{e}_low")], [getattr(r, f"{e}_high") - y]],
-                    fmt={"original": "*", "paper": "s", "tuned": "o"}[r.protocol], capsize=3, label=f"{r.protocol} {r.method}")
+                    fmt={"original": "*", "paper": "s", "tuned": "o"}[r.protocol], capsize=3,
+                    label=r.method if r.protocol == "original" else f"{r.protocol} {r.method}")
     bx.set(xlabel=f"{p} (test)", ylabel=f"{e} (test)", title="test split: mean over seeds, 95 % bootstrap intervals")
+    lim = (-0.03, 1.03) if study.s.kind == "celebrity" else (-3, 103) # accuracies; scores × 100
+    for a in (ax, bx): a.set(xlim=lim, ylim=lim)
     bx.legend(fontsize=7)
     fig.tight_layout()
     return fig
