@@ -23,7 +23,6 @@ from .multi import MULTI_METHODS, erase_concepts
 from .runs import check_choice, check_int, save_figure, save_table
 from .study import (JobStudy, _parser as _study_parser, _record_settings, boot_indices, bootstrap_interval,
                           check_disjoint, folder_settings, paired_difference, run_command)
-from .studyreport import _mean_sd
 from .toyworld import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, caption
 
 # %% auto #0
@@ -321,6 +320,11 @@ def sweep_table(study: MultiStudy) -> pd.DataFrame:
                  chosen=(m, v) in picked) for (p, m, v, st), jobs in _configs(study, "validation").items()]
     return pd.DataFrame(rows)
 
+def _mean_sd(x, digits: int) -> str:
+    "Mean ± sd (ddof 1) of the values over seeds, or the value alone for one seed."
+    x = np.asarray(x, float)
+    return f"{x.mean():.{digits}f}" + (f" ± {x.std(ddof=1):.{digits}f}" if len(x) > 1 else "")
+
 def test_table(study: MultiStudy) -> pd.DataFrame:
     "Both protocols on the test split: each metric as mean ± sd over seeds with its 95 % two-level bootstrap interval."
     rows = []
@@ -329,9 +333,10 @@ def test_table(study: MultiStudy) -> pd.DataFrame:
         row = dict(protocol=p, method=m, parameter=STRENGTH.get(m), strength=v, steps=st, seeds=len(jobs))
         for k, f in study.stats["test"].items():
             lo, hi = bootstrap_interval(values, study.boot["test"], statistic=f)
-            row |= {k: _mean_sd([x[k] for x in d]), f"{k}_mean": float(np.mean([x[k] for x in d])),
+            row |= {k: _mean_sd([x[k] for x in d], 3 if study.s.kind == "celebrity" else 1),
+                    f"{k}_mean": float(np.mean([x[k] for x in d])),
                     f"{k}_low": lo, f"{k}_high": hi}
-        rows.append(row | {k: _mean_sd([x[k] for x in d]) for k in ("frechet", "alignment")})
+        rows.append(row | {k: _mean_sd([x[k] for x in d], 1) for k in ("frechet", "alignment")})
     order = {"original": 0, "paper": 1, "tuned": 2}
     return pd.DataFrame(rows).sort_values(["protocol", "method"], key=lambda c: c.map(order) if c.name == "protocol" else c,
                                           kind="stable").reset_index(drop=True)
