@@ -367,7 +367,7 @@ def tradeoff_figure(study: MultiStudy):
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     sw = sweep_table(study)
     pts = sw[sw.method != "original"].sort_values(["method", "strength"])
-    sns.lineplot(pts, x=p, y=e, hue="method", marker="o", sort=False, ax=ax)
+    sns.lineplot(pts, x=p, y=e, hue="method", marker="o", sort=False, estimator=None, ax=ax) # every point, in strength order
     ch, orig = sw[sw.chosen], sw[sw.method == "original"]
     ax.scatter(ch[p], ch[e], s=160, facecolors="none", edgecolors="k", label="chosen")
     ax.scatter(orig[p], orig[e], marker="*", s=150, c="k", label="original")
