@@ -28,8 +28,8 @@ from .toyworld import UNSAFE_WORDS
 
 # %% auto #0
 __all__ = ['MASK_RULES', 'ARMS', 'DEFAULT_SWEEP', 'check_disjoint', 'split_prompts', 'layer_type', 'study_masks', 'mask_table',
-           'boot_indices', 'resample_seeds', 'bootstrap_interval', 'paired_difference', 'StudySettings', 'Job',
-           'choose_points', 'Study', 'main']
+           'boot_indices', 'resample_seeds', 'prompt_total', 'bootstrap_interval', 'paired_difference', 'StudySettings',
+           'Job', 'choose_points', 'JobStudy', 'Study', 'folder_settings', 'run_command', 'main']
 
 # %% ../nbs/09d_study.ipynb #64e39a3e
 def check_disjoint(a: pd.DataFrame, b: pd.DataFrame, # two prompt tables with `prompt` and `evaluation_seed`
@@ -142,27 +142,35 @@ def resample_seeds(stats: np.ndarray, # (seeds, n_boot) a statistic of each seed
     pick = rng.integers(0, len(stats), (stats.shape[1], len(stats)))
     return np.take_along_axis(stats.T, pick, 1).mean(1)
 
-def _resampled_totals(values: np.ndarray, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    "(n_boot,) seed-mean totals with prompts (`idx`) and training seeds resampled."
-    return resample_seeds(np.asarray(values, dtype=float)[:, idx].sum(-1), rng)
+def prompt_total(values: np.ndarray, # (..., prompts) per-prompt values
+                ) -> np.ndarray:
+    "(...) the sum over prompts: the default statistic of the bootstrap (detections)."
+    return np.asarray(values, dtype=float).sum(-1)
+
+def _resampled_stats(values: np.ndarray, idx: np.ndarray, rng: np.random.Generator, statistic=prompt_total) -> np.ndarray:
+    "(n_boot,) seed-mean statistic with prompts (`idx`) and training seeds resampled."
+    return resample_seeds(statistic(np.asarray(values, dtype=float)[:, idx]), rng)
 
 def bootstrap_interval(values: np.ndarray, # (seeds, prompts) per-prompt values of one configuration
                        idx: np.ndarray, # `boot_indices(prompts)`
                        level: float = 0.95,
                        seed: int = 0, # draws the training seeds
+                       statistic=prompt_total, # (..., prompts) values -> (...) the statistic; default: the total
                       ) -> tuple[float, float]:
-    "The `level` interval of the seed-mean total over prompts, resampling prompts and training seeds."
-    totals = _resampled_totals(values, idx, np.random.default_rng(seed))
-    return tuple(float(q) for q in np.quantile(totals, [(1 - level) / 2, (1 + level) / 2]))
+    "The `level` interval of the seed-mean `statistic` (the total over prompts), resampling prompts and training seeds."
+    stats = _resampled_stats(values, idx, np.random.default_rng(seed), statistic)
+    return tuple(float(q) for q in np.quantile(stats, [(1 - level) / 2, (1 + level) / 2]))
 
 def paired_difference(a: np.ndarray, b: np.ndarray, # (seeds, prompts) per-prompt values of two configurations
-                      idx: np.ndarray, level: float = 0.95, seed: int = 0) -> dict:
-    """Seed-mean total of `a` minus that of `b`, its bootstrap interval (prompts paired, each side's training seeds
-    drawn independently), and whether the interval excludes 0."""
+                      idx: np.ndarray, level: float = 0.95, seed: int = 0,
+                      statistic=prompt_total, # (..., prompts) values -> (...) the statistic; default: the total
+                     ) -> dict:
+    """Seed-mean `statistic` of `a` minus that of `b`, its bootstrap interval (prompts paired, each side's training
+    seeds drawn independently), and whether the interval excludes 0."""
     rng = np.random.default_rng(seed)
-    diff = _resampled_totals(a, idx, rng) - _resampled_totals(b, idx, rng)
+    diff = _resampled_stats(a, idx, rng, statistic) - _resampled_stats(b, idx, rng, statistic)
     lo, hi = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
-    point = float(np.asarray(a, float).sum(-1).mean() - np.asarray(b, float).sum(-1).mean())
+    point = float(statistic(np.asarray(a, float)).mean() - statistic(np.asarray(b, float)).mean())
     return dict(difference=point, low=float(lo), high=float(hi), significant=bool(lo > 0 or hi < 0))
 
 # %% ../nbs/09d_study.ipynb #1ca044de
@@ -246,7 +254,68 @@ def choose_points(val: pd.DataFrame, # validation scores: `arm`, `lr`, `iteratio
     return pd.DataFrame(rows)
 
 # %% ../nbs/09d_study.ipynb #49e0f36d
-class Study:
+class JobStudy:
+    "Jobs with one locked folder each under `out/runs/`, their scores, and the resumable loop that runs them."
+    out: Path # the study folder
+
+    def jobs(self) -> list[tuple[str, object]]:
+        "(protocol, job) pairs whose inputs exist; a job has a `slug` (its folder under `runs/`) and is a dataclass."
+        raise NotImplementedError
+    def complete(self) -> bool:
+        "Whether `jobs()` lists the whole study (False while some jobs wait for others' scores)."
+        return True
+    def prepare(self):
+        "What every job of this process needs, computed once (passed to `execute`)."
+        return None
+    def execute(self, protocol: str, job, shared) -> tuple[dict, pd.DataFrame]:
+        "Run one job: its scores and its per-prompt values."
+        raise NotImplementedError
+    def details(self, job, shared) -> dict:
+        "Extra fields of the job's record, after its scores and seconds."
+        return {}
+
+    def scores(self, job) -> dict | None:
+        "The finished job's scores (None if not finished)."
+        f = self.out / "runs" / job.slug / "scores.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def run_job(self, protocol: str, job, shared, # `self.prepare()`
+                announce=None, # called once the job is known to run here (a progress line)
+               ) -> dict:
+        "Run one job unless finished; its folder is locked meanwhile."
+        folder = self.out / "runs" / job.slug
+        acquire_folder(folder)
+        try:
+            if self.scores(job) is None:
+                if announce: announce()
+                t0 = time.time()
+                row, per_prompt = self.execute(protocol, job, shared)
+                per_prompt.to_csv(folder / "per_prompt.csv", index=False)
+                record = dict(job=asdict(job), protocol=protocol, **row, seconds=round(time.time() - t0, 1),
+                              **self.details(job, shared))
+                atomic_write_text(folder / "scores.json", json.dumps(record, indent=1))
+            return self.scores(job)
+        finally: release_folder(folder)
+
+    def run(self, poll: float = 20.0, # seconds to wait for another process's jobs before looking again
+            since: float | None = None, # `time.time()` at the start (for the progress lines)
+           ) -> int:
+        "Run every job no other process holds until the study is complete; returns the number this process ran."
+        since, shared, ran = since or time.time(), self.prepare(), 0
+        while True:
+            pending = [(p, j) for p, j in self.jobs() if self.scores(j) is None]
+            if not pending and self.complete(): return ran
+            for p, j in pending:
+                try:
+                    self.run_job(p, j, shared, lambda: log_progress(f"{p}: {j.slug} ({len(pending)} pending)", since))
+                    ran += 1
+                    break
+                except RuntimeError as e:
+                    if _BUSY not in str(e): raise
+            else: time.sleep(poll) # every pending job is held by another process
+
+# %% ../nbs/09d_study.ipynb #fb4bfeaa
+class Study(JobStudy):
     "The Table 1 study of one model: splits, masks, jobs, their scores and the tables made from them."
     def __init__(self, model: DiffusionModel, backend, # the original model and `load_backend(model)`
                  out: str | Path, # the study folder (runs/, masks/, images/, tables)
@@ -282,10 +351,7 @@ class Study:
             finally: release_folder(folder)
         return {n: load_mask(f, self.model.unet) for n, f in files.items()}
 
-    def scores(self, job: Job) -> dict | None:
-        "The finished job's scores (None if not finished)."
-        f = self.out / "runs" / job.slug / "scores.json"
-        return json.loads(f.read_text()) if f.is_file() else None
+    prepare = masks
 
     def _choices(self) -> pd.DataFrame | None:
         "The chosen sweep points, once the whole sweep and the original have validation scores."
@@ -294,6 +360,8 @@ class Study:
         if any(d is None for d in done): return None
         val = pd.DataFrame([dict(**d["job"], total=d["total"], fd=d["fd"]) for d in done[1:]])
         return choose_points(val, done[0]["fd"], self.s.fd_slack)
+
+    def complete(self) -> bool: return self._choices() is not None
 
     def jobs(self) -> list[tuple[str, Job]]:
         "(protocol, job) pairs whose inputs exist: the sweep, the original, the paper protocol, and later the tuned points."
@@ -346,43 +414,15 @@ class Study:
             else: row["fd"] = self.backend.frechet(ims, caps, False)
         return row, per_prompt
 
-    def run_job(self, protocol: str, job: Job, masks: dict, # `self.masks()`
-                announce=None, # called once the job is known to run here (a progress line)
-               ) -> dict:
-        "Train (unless the original) and score one job; its folder is locked meanwhile."
-        folder = self.out / "runs" / job.slug
-        acquire_folder(folder)
-        try:
-            if self.scores(job) is None:
-                if announce: announce()
-                t0 = time.time()
-                model = self.model if job.arm == "original" else self._erased(job, masks)
-                row, per_prompt = self._score(model, job)
-                per_prompt.to_csv(folder / "per_prompt.csv", index=False)
-                mask = ARMS.get(job.arm, (None, None))[1]
-                record = dict(job=asdict(job), protocol=protocol, **row, seconds=round(time.time() - t0, 1),
-                              mask=mask, trained_weights=None if mask is None else count_active(masks[mask]),
-                              eval_steps=self.s.check_steps if job.split == "check" else self.s.eval_steps)
-                atomic_write_text(folder / "scores.json", json.dumps(record, indent=1))
-            return self.scores(job)
-        finally: release_folder(folder)
+    def execute(self, protocol: str, job: Job, masks: dict) -> tuple[dict, pd.DataFrame]:
+        "Train (unless the original) and score one job."
+        return self._score(self.model if job.arm == "original" else self._erased(job, masks), job)
 
-    def run(self, poll: float = 20.0, # seconds to wait for another process's jobs before looking again
-            since: float | None = None, # `time.time()` at the start (for the progress lines)
-           ) -> int:
-        "Run every job no other process holds until the study is complete; returns the number this process ran."
-        since, masks, ran = since or time.time(), self.masks(), 0
-        while True:
-            pending = [(p, j) for p, j in self.jobs() if self.scores(j) is None]
-            if not pending and self._choices() is not None: return ran
-            for p, j in pending:
-                try:
-                    self.run_job(p, j, masks, lambda: log_progress(f"{p}: {j.slug} ({len(pending)} pending)", since))
-                    ran += 1
-                    break
-                except RuntimeError as e:
-                    if _BUSY not in str(e): raise
-            else: time.sleep(poll) # every pending job is held by another process
+    def details(self, job: Job, masks: dict) -> dict:
+        "The job's mask, its size and the evaluation's DDIM steps."
+        mask = ARMS.get(job.arm, (None, None))[1]
+        return dict(mask=mask, trained_weights=None if mask is None else count_active(masks[mask]),
+                    eval_steps=self.s.check_steps if job.split == "check" else self.s.eval_steps)
 
 def _record_settings(out: Path, settings: StudySettings) -> None:
     "Write `settings.json` in a new study folder; refuse a folder whose study used other settings."
@@ -413,15 +453,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process (default 1)")
     return p
 
+def folder_settings(out: str | Path, # a study folder
+                    cls, # the settings dataclass
+                    default, # the settings of a new folder
+                   ):
+    "The settings of the study in `out` (its `settings.json`), or `default` for a new folder."
+    f = Path(out) / "settings.json"
+    return cls(**json.loads(f.read_text())) if f.is_file() else default
+
+def run_command(a: argparse.Namespace, # parsed `_parser()` arguments
+                make_study, # (model, backend, out, settings) -> a `JobStudy`
+                settings) -> int:
+    "Run a study's jobs in this process (`a.threads` torch threads, the model `a.model` on `a.device`) until it is complete."
+    torch.set_num_threads(check_int("threads", a.threads, 1))
+    model = load_model(a.model, device=a.device)
+    n = make_study(model, load_backend(model), a.out, settings).run()
+    print(f"this process ran {n} jobs; the study in {a.out} is complete")
+    return n
+
 def main(argv: list[str] | None = None):
     "Command line: run the study's jobs with the folder's settings (a new folder: the defaults)."
     a = _parser().parse_args(argv)
-    torch.set_num_threads(check_int("threads", a.threads, 1))
-    f = Path(a.out) / "settings.json"
-    settings = StudySettings(**json.loads(f.read_text())) if f.is_file() else StudySettings()
-    model = load_model(a.model, device=a.device)
-    n = Study(model, load_backend(model), a.out, settings).run()
-    print(f"this process ran {n} jobs; the study in {a.out} is complete")
+    run_command(a, Study, folder_settings(a.out, StudySettings, StudySettings()))
 
 # %% ../nbs/09d_study.ipynb #37775342
 #| eval: false
