@@ -18,18 +18,19 @@ from .evaluate import KINDS, eval_images, experiment_table, load_backend, prior_
 from .experiments import experiment_settings
 from .fusion import gram_from_prompts
 from .lora import TEMPLATES, LoraSettings
-from .metrics import h_c
+from .metrics import frechet_from_features, h_c
 from .multi import MULTI_METHODS, erase_concepts
 from .runs import check_choice, check_int, save_figure, save_table
 from .study import (JobStudy, _parser as _study_parser, _record_settings, boot_indices, bootstrap_interval,
                           check_disjoint, folder_settings, paired_difference, run_command)
+from .studyreport import _fd_resamples
 from .toyworld import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, caption
 
 # %% auto #0
 __all__ = ['METRICS', 'DEFAULT_MULTI_SWEEP', 'KIND_SIZES', 'STRENGTH', 'toy_templates', 'study_splits', 'statistics',
            'group_boot', 'MultiStudySettings', 'multistudy_settings', 'MultiJob', 'choose_settings', 'paper_setting',
-           'MultiStudy', 'sweep_table', 'test_table', 'comparisons', 'tradeoff_figure', 'write_multistudy_tables',
-           'main']
+           'MultiStudy', 'sweep_table', 'test_table', 'check_table', 'comparisons', 'tradeoff_figure',
+           'write_multistudy_tables', 'main']
 
 # %% ../nbs/09g_multistudy.ipynb #c2ea9206
 def toy_templates(kind: str, # "celebrity" or "art"
@@ -93,9 +94,9 @@ DEFAULT_MULTI_SWEEP = { # method -> strengths tried on the validation split: lea
     "esd-x": [3e-5, 1e-4, 3e-4, 1e-3], "uce": [0.1, 0.3, 1.0, 3.0, 10.0],
     "mace-fusion": [1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2], "ant-fusion": [1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2]}
 
-KIND_SIZES = { # kind -> templates per split: about 240 test and 80 validation prompts (20 characters; 10 styles)
-    "celebrity": dict(n_test_templates=12, n_validation_templates=4),
-    "art": dict(n_test_templates=24, n_validation_templates=8)}
+KIND_SIZES = { # kind -> templates per split: 240 test, 80 validation and 80 check prompts (20 characters; 10 styles)
+    "celebrity": dict(n_test_templates=12, n_validation_templates=4, n_check_templates=4),
+    "art": dict(n_test_templates=24, n_validation_templates=8, n_check_templates=8)}
 
 STRENGTH = {"esd-x": "lr", "mace-fusion": "lr", "ant-fusion": "lr", "uce": "beta"} # what `MultiJob.strength` is
 
@@ -108,6 +109,10 @@ class MultiStudySettings:
     n_validation_templates: int = 4 # templates of the validation split
     per_template: int = 1 # evaluation seeds per concept and template
     n_test_captions: int = 100 # benign captions of the test split (Fréchet distance, alignment)
+    check_steps: int = 50 # the ranking check: DDIM steps ...
+    n_check_templates: int = 4 # ... on the prompts of this many test templates; the original and the tuned points
+    # at the first test seed (skipped when the evaluation already uses `check_steps`)
+    n_boot_fd: int = 100 # bootstrap resamples of the test captions (the Fréchet distance's interval)
     steps: int | None = None # training steps per concept of the tuned protocol (None: the preset's)
     sweep: dict = field(default_factory=lambda: dict(DEFAULT_MULTI_SWEEP)) # method -> strengths
     tuned_methods: list = field(default_factory=lambda: list(DEFAULT_MULTI_SWEEP)) # chosen points run on test
@@ -131,8 +136,10 @@ class MultiStudySettings:
         for m, p in self.paper_settings.items():
             check_choice("paper_settings", m, list(MULTI_METHODS))
             if set(p) != {"strength", "steps"}: raise ValueError(f"paper_settings[{m!r}]={p}: give exactly strength and steps")
-        for name in ("n_test_templates", "n_validation_templates", "per_template", "n_test_captions", "n_boot"):
+        for name in ("n_test_templates", "n_validation_templates", "per_template", "n_test_captions", "n_boot",
+                     "check_steps", "n_boot_fd"):
             check_int(name, getattr(self, name), 1)
+        check_int("n_check_templates", self.n_check_templates, 1, self.n_test_templates) # the check's are test templates
         if self.steps is not None: check_int("steps", self.steps, 1)
         if not self.test_seeds: raise ValueError("test_seeds is empty; give at least one training seed")
         if {self.val_seed} & (set(self.test_seeds) | set(self.paper_seeds)):
@@ -168,7 +175,7 @@ def multistudy_settings(kind: str, # "celebrity" or "art": fixed by the experime
 @dataclass(frozen=True)
 class MultiJob:
     "One model erased with one method (or the original) and scored on one split."
-    split: str # "validation" or "test"
+    split: str # "validation", "test" or "check" (test prompts of `n_check_templates` templates at `check_steps`)
     method: str # a method of `MULTI_METHODS`, or "original"
     strength: float | None = None # learning rate, or UCE's preservation β (`STRENGTH`)
     steps: int | None = None # training steps per concept (None: UCE, the original)
@@ -218,12 +225,15 @@ class MultiStudy(JobStudy):
         self.tables = dict(zip(("validation", "test"), study_splits(
             templates, groups, settings.n_test_templates, settings.n_validation_templates, settings.per_template,
             settings.split_seed)))
+        test = self.tables["test"]
+        self.tables["check"] = test[test.template.isin(test.template.unique()[:settings.n_check_templates])]
         self.prior = prior_table(backend, coco_csv, self.x["n_prior"], 0) # preservation captions of the fusions
         caps = prior_table(backend, coco_csv, settings.n_test_captions + self.x["n_prior"], settings.split_seed + 1)
         self.captions = caps[~caps.prompt.isin(set(self.prior.prompt))].head(settings.n_test_captions)
         n_e = {k: int((t.group == "erased").sum()) for k, t in self.tables.items()}
         self.stats = {k: statistics(settings.kind, n_e[k]) for k in self.tables}
         self.boot = {k: group_boot(n_e[k], len(t) - n_e[k], settings.n_boot, 1) for k, t in self.tables.items()}
+        self.fd_boot = boot_indices(settings.n_test_captions, settings.n_boot_fd, 2)
 
     def prepare(self):
         "The Gram cache of the preservation captions (every fusion's prior term)."
@@ -252,7 +262,8 @@ class MultiStudy(JobStudy):
     def jobs(self) -> list[tuple[str, MultiJob]]:
         "(protocol, job) pairs whose inputs exist: the originals, the sweep, the paper protocol, and later the tuned points."
         s = self.s
-        out = [("original", MultiJob(split, "original")) for split in ("validation", "test")]
+        check = s.check_steps != self.x["num_steps"]
+        out = [("original", MultiJob(split, "original")) for split in ("validation", "test", "check")[:3 if check else 2]]
         out += [("sweep", j) for j in self._sweep()]
         for m in s.paper_methods:
             p = s.paper_settings.get(m) or paper_setting(m, s.kind)
@@ -265,13 +276,16 @@ class MultiStudy(JobStudy):
                 seeds = s.test_seeds[:1] if r.method == "uce" else s.test_seeds
                 out += [("tuned", MultiJob("test", r.method, r.strength, *self._steps_seed(r.method, seed, r.steps)))
                         for seed in seeds]
+                first = MultiJob("test", r.method, r.strength, *self._steps_seed(r.method, seeds[0], r.steps))
+                if check and self.scores(first) is not None: out.append(("tuned", replace(first, split="check")))
         return out
 
     def _erased(self, job: MultiJob, gram) -> DiffusionModel:
-        "The model erased by `job`'s method at its strength, steps and seed (its run folder: models/<job>)."
+        "The model erased by `job`'s method at its strength, steps and seed (its run folder: models/<job>; a check job's is its test job's)."
         x, uce = self.x, job.method == "uce"
+        folder = self.out / "models" / (replace(job, split="test") if job.split == "check" else job).slug
         fusion = replace(x["fusion"], beta_prior=job.strength, beta_domain=job.strength) if uce else x["fusion"]
-        return erase_concepts(self.model, self.erase, self.keep, job.method, self.out / "models" / job.slug,
+        return erase_concepts(self.model, self.erase, self.keep, job.method, folder,
                               templates=x["templates"], prior_prompts=gram, loss_config=x["loss_config"],
                               lora=LoraSettings(rank=x["rank"]), fusion=fusion, steps=job.steps or 1,
                               lr=None if uce else job.strength, cache_size=x["cache_size"],
@@ -283,21 +297,32 @@ class MultiStudy(JobStudy):
         names = sorted(set(table.concept))
         return np.array([p == c for p, c in zip(self.backend.identify(images, names), table.concept)], float)
 
+    def _eval_steps(self, job: MultiJob) -> int:
+        "DDIM steps of `job`'s images: `check_steps` on the check split, else the preset's."
+        return self.s.check_steps if job.split == "check" else self.x["num_steps"]
+
+    def _caption_scores(self, images: np.ndarray) -> dict:
+        "Fréchet distance and alignment of the test captions' images, with `fd_boot` (the distance on each caption resample) where the backend gives features."
+        row = prior_scores(images, self.captions, self.backend)
+        if hasattr(self.backend, "frechet_features"):
+            ref, got = self.backend.frechet_features(images, self.captions)
+            row["fd_boot"] = [frechet_from_features(ref[i], got[i]) for i in self.fd_boot]
+        return row
+
     def execute(self, protocol: str, job: MultiJob, gram) -> tuple[dict, pd.DataFrame]:
         "Erase (unless the original) and score one job: the kind's metrics, and on the test split the benign captions'."
         model = self.model if job.method == "original" else self._erased(job, gram)
-        gen = dict(guidance_scale=self.x["guidance_scale"], num_steps=self.x["num_steps"],
+        gen = dict(guidance_scale=self.x["guidance_scale"], num_steps=self._eval_steps(job),
                    batch_size=self.x["batch_size"], progress=False)
         table, images = self.tables[job.split], self.out / "images" / job.slug
         value = self._outcomes(eval_images(model, table, images / "concepts", **gen), table)
         row = {k: float(f(value)) for k, f in self.stats[job.split].items()}
-        if job.split == "test":
-            row |= prior_scores(eval_images(model, self.captions, images / "captions", **gen), self.captions, self.backend)
+        if job.split == "test": row |= self._caption_scores(eval_images(model, self.captions, images / "captions", **gen))
         return row, table[["group", "concept", "template", "prompt", "evaluation_seed"]].assign(value=value)
 
     def details(self, job: MultiJob, gram) -> dict:
         "The evaluation's DDIM steps."
-        return dict(eval_steps=self.x["num_steps"])
+        return dict(eval_steps=self._eval_steps(job))
 
 # %% ../nbs/09g_multistudy.ipynb #bf2c9980
 def _outcomes_of(study: MultiStudy, jobs: list[MultiJob]) -> np.ndarray:
@@ -325,8 +350,17 @@ def _mean_sd(x, digits: int) -> str:
     x = np.asarray(x, float)
     return f"{x.mean():.{digits}f}" + (f" ± {x.std(ddof=1):.{digits}f}" if len(x) > 1 else "")
 
+def _frechet_interval(scores: list[dict]) -> dict:
+    """`frechet_low`, `frechet_high`: the seed-mean Fréchet distance ± 1.96 × its two-level bootstrap standard error
+    (captions and training seeds; `ant_nb.studyreport.test_table`'s rule), NaN without `fd_boot`."""
+    boot = _fd_resamples(scores, np.random.default_rng(0))
+    mean = float(np.mean([x["frechet"] for x in scores]))
+    half = np.nan if boot is None else 1.96 * float(np.std(boot, ddof=1))
+    return dict(frechet_low=mean - half, frechet_high=mean + half)
+
 def test_table(study: MultiStudy) -> pd.DataFrame:
-    "Both protocols on the test split: each metric as mean ± sd over seeds with its 95 % two-level bootstrap interval."
+    """Both protocols on the test split: each metric as mean ± sd over seeds with its 95 % two-level bootstrap interval
+    (the Fréchet distance's: `_frechet_interval`)."""
     rows = []
     for (p, m, v, st), jobs in _configs(study, "test").items():
         values, d = _outcomes_of(study, jobs), [study.scores(j) for j in jobs]
@@ -336,10 +370,25 @@ def test_table(study: MultiStudy) -> pd.DataFrame:
             row |= {k: _mean_sd([x[k] for x in d], 3 if study.s.kind == "celebrity" else 1),
                     f"{k}_mean": float(np.mean([x[k] for x in d])),
                     f"{k}_low": lo, f"{k}_high": hi}
-        rows.append(row | {k: _mean_sd([x[k] for x in d], 1) for k in ("frechet", "alignment")})
+        rows.append(row | {k: _mean_sd([x[k] for x in d], 1) for k in ("frechet", "alignment")} | _frechet_interval(d))
     order = {"original": 0, "paper": 1, "tuned": 2}
     return pd.DataFrame(rows).sort_values(["protocol", "method"], key=lambda c: c.map(order) if c.name == "protocol" else c,
                                           kind="stable").reset_index(drop=True)
+
+def check_table(study: MultiStudy) -> pd.DataFrame:
+    """The ranking check: on the check prompts, the original and each tuned point at its first test seed, scored at
+    the evaluation's DDIM steps (its test job's images of those prompts) and at `check_steps`; `rank` orders H (1 best)."""
+    rows, check = [], study.tables["check"]
+    for (p, m, v, st), jobs in _configs(study, "check").items():
+        test = pd.read_csv(study.out / "runs" / replace(jobs[0], split="test").slug / "per_prompt.csv")
+        test = test[test.template.isin(set(check.template))]
+        assert test.prompt.tolist() == check.prompt.tolist(), "the check prompts are the test split's, in order"
+        for steps, values in ((study.x["num_steps"], test.value.to_numpy(float)), (study.s.check_steps, _outcomes_of(study, jobs)[0])):
+            rows.append(dict(protocol=p, method=m, strength=v, seed=jobs[0].seed, ddim_steps=steps,
+                             **{k: float(f(values)) for k, f in study.stats["check"].items()}))
+    df = pd.DataFrame(rows)
+    if len(df): df["rank"] = df.groupby("ddim_steps")[study.metrics[2]].rank(ascending=False, method="min").astype(int)
+    return df
 
 def comparisons(study: MultiStudy, pairs: list[tuple[tuple, tuple]], # ((protocol, method), (protocol, method))
                ) -> pd.DataFrame:
@@ -387,9 +436,10 @@ def tradeoff_figure(study: MultiStudy):
     return fig
 
 def write_multistudy_tables(study: MultiStudy) -> dict[str, pd.DataFrame]:
-    "The sweep, test and comparison tables (CSV and Markdown) and the trade-off figure, written into the study folder."
+    "The sweep, test, comparison and ranking-check tables (CSV and Markdown) and the trade-off figure, written into the study folder."
     tables = dict(sweep=sweep_table(study), test=test_table(study),
-                  comparisons=comparisons(study, _pairs(list(dict.fromkeys(study.s.tuned_methods + study.s.paper_methods)))))
+                  comparisons=comparisons(study, _pairs(list(dict.fromkeys(study.s.tuned_methods + study.s.paper_methods)))),
+                  check=check_table(study))
     for name, df in tables.items(): save_table(df, study.out, name)
     save_figure(tradeoff_figure(study), study.out, "tradeoff")
     return tables
