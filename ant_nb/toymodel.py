@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .core import PREDICTION_TYPES, prediction_target
+from .core import PREDICTION_TYPES, load_model, prediction_target
 from .runs import atomic_write_text, check_choice, check_device, check_positive, check_range, folder_lock
 from .train import Checkpointer
 from .toyworld import SIZE, WorldMix, images_to_tensor, prompt_of, random_spec, render, step_loader, world_words
@@ -127,6 +127,8 @@ class ToyTrainConfig:
     max_seconds: float | None = None # stop (with a checkpoint) after this much wall time; resume continues
     prediction_type: str = "epsilon" # what the UNet learns: "epsilon" (the noise ε) or "v_prediction" (the velocity v)
     zero_terminal_snr: bool = False # zero-terminal-SNR betas and trailing sampling timesteps (needs "v_prediction")
+    init: str | None = None # fine-tune: start from this model's weights ("toy" or a toy-architecture diffusers
+    # folder, read by `load_model`); None: fresh weights drawn from `seed`
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "warmup", "ckpt_every", "seed"):
@@ -137,6 +139,8 @@ class ToyTrainConfig:
         check_range("ema_decay", self.ema_decay, 0.0, 1.0); check_range("p_drop", self.p_drop, 0.0, 1.0)
         if self.max_seconds is not None: check_positive("max_seconds", self.max_seconds)
         toy_scheduler_config(self.prediction_type, self.zero_terminal_snr) # checks both
+        if self.init is not None and (not isinstance(self.init, str) or not self.init):
+            raise ValueError(f"init={self.init!r} is not allowed; give None (fresh weights), 'toy' or a model folder")
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
     with torch.no_grad():
@@ -155,6 +159,14 @@ def _noisy(x0: torch.Tensor, sched: DDIMScheduler, gen: torch.Generator):
     a = acp[t].view(-1, 1, 1, 1).to(x0.device)
     t = t.to(x0.device)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, prediction_target(sched, x0, noise, t)
+
+def _load_initial_weights(unet: UNet2DConditionModel, te: CLIPTextModel, source: str):
+    "Copy the UNet and text-encoder weights of the model at `source` into `unet` and `te` (the start of a fine-tune)."
+    init = load_model(source)
+    try:
+        unet.load_state_dict(init.unet.state_dict()); te.load_state_dict(init.text_encoder.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"init={source!r} is not a model of the toy architecture (`build_toy_components`): {e}") from None
 
 SCHEDULER_FILE = "scheduler_config.json" # in a run's checkpoints folder: the scheduler config the run trains with
 
@@ -199,6 +211,7 @@ def train_toy_model(out_dir: str | Path, # run folder: checkpoints/, train_log.c
 def _train(out_dir: Path, cfg: ToyTrainConfig, resume: bool, device: str, workers: int, progress: bool) -> Path:
     "The training loop of `train_toy_model`, in its locked `out_dir`."
     unet, te, tok, sched = build_toy_components(cfg.seed, cfg.prediction_type, cfg.zero_terminal_snr)
+    if cfg.init is not None: _load_initial_weights(unet, te, cfg.init)
     ck = Checkpointer(out_dir/"checkpoints", every=cfg.ckpt_every)
     if resume and ck.steps(): _check_schedule(ck.directory, sched)
     atomic_write_text(out_dir/"recipe.json", json.dumps(cfg.__dict__ | {"device": device}, indent=2))

@@ -17,7 +17,7 @@ TINY = {
                                study_settings=dict(n_test_templates=1, n_validation_templates=1, n_test_captions=2,
                                                    steps=1, sweep={"uce": [0.3, 3.0], "ant-fusion": [5e-3]},
                                                    tuned_methods=["uce", "ant-fusion"], paper_methods=["uce"],
-                                                   test_seeds=[0, 1], n_boot=20,
+                                                   test_seeds=[0, 1], n_boot=20, n_check_templates=1, check_steps=3,
                                                    overrides=dict(cache_size=1, num_steps=2, n_prior=2,
                                                                   loss_config=dict(t_prime=2, num_steps=4)))),
     "40_art.ipynb": dict(methods=["ant-fusion"], steps=1, cache_size=1, per_concept=1, n_prior=2, num_steps=2),
@@ -37,7 +37,8 @@ TINY = {
 }
 
 # beyond every study's tables and figure
-STUDY_FILES = {"20_nsfw.ipynb": ("masks.csv", "check.csv", "transfer.csv", "transfer_variants.csv")}
+STUDY_FILES = {"20_nsfw.ipynb": ("masks.csv", "check.csv", "transfer.csv", "transfer_variants.csv"),
+               "30_celebrity.ipynb": ("check.csv",)}
 
 
 def _has_toy_world() -> bool:
@@ -61,6 +62,25 @@ def test_experiment_notebook_runs(name, tmp_path, monkeypatch):
     if params.get("study"): # the study's tables, figure (and for Table 1 the masks, ranking check and transfer check)
         for f in STUDY_FILES.get(name, ()) + ("test.csv", "sweep.md", "comparisons.csv", "tradeoff.png"):
             assert (tmp_path/"study"/f).exists(), f
+
+
+def test_train_notebook_candidate_route(tmp_path, monkeypatch):
+    "11_train_toyworld trains a v-prediction candidate by fine-tuning the shipped model into its own folders."
+    if not _has_toy_world(): pytest.skip("the shipped toy model or judge is missing")
+    import papermill as pm
+    from ant_nb.core import load_model
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    shipped = sorted(p.stat().st_mtime_ns for p in toy_model_dir().rglob("*") if p.is_file())
+    params = dict(train=True, steps=2, batch_size=4, warmup=1, prediction_type="v_prediction", zero_terminal_snr=True,
+                  init="toy", judge_steps=0, n_quality=8, num_steps=3, train_dir=str(tmp_path/"train"),
+                  model_dir=str(tmp_path/"model"), out_dir=str(tmp_path/"report"))
+    pm.execute_notebook(str(NBS/"11_train_toyworld.ipynb"), str(tmp_path/"run.ipynb"), parameters=params,
+                        kernel_name="python3", progress_bar=False, cwd=str(NBS))
+    model = load_model(str(tmp_path/"model"))
+    assert (model.scheduler.config.prediction_type, model.scheduler.config.rescale_betas_zero_snr) == ("v_prediction", True)
+    assert json.loads((tmp_path/"train"/"recipe.json").read_text())["init"] == "toy"
+    assert (tmp_path/"report"/"quality.csv").exists()
+    assert sorted(p.stat().st_mtime_ns for p in toy_model_dir().rglob("*") if p.is_file()) == shipped # untouched
 
 
 def test_presets_lookalikes_and_grid_columns():
