@@ -338,11 +338,14 @@ def _configs(study: MultiStudy, split: str) -> dict[tuple, list[MultiJob]]:
     return out
 
 def sweep_table(study: MultiStudy) -> pd.DataFrame:
-    "The validation sweep (and the original): every point's metrics, and which were chosen."
+    """The validation sweep (and the original): every point's metrics, which were chosen, and whether a chosen point
+    is at the edge of its method's sweep (`at_edge`: the best may lie beyond it; extend the sweep on validation)."""
     chosen = study._choices()
     picked = set() if chosen is None else {(r.method, r.strength) for r in chosen.itertuples()}
+    edges = {m: (min(vs), max(vs)) for m, vs in study.s.sweep.items()}
     rows = [dict(method=m, parameter=STRENGTH.get(m), strength=v, steps=st, **{k: study.scores(jobs[0])[k] for k in study.metrics},
-                 chosen=(m, v) in picked) for (p, m, v, st), jobs in _configs(study, "validation").items()]
+                 chosen=(m, v) in picked, at_edge=(m, v) in picked and v in edges[m])
+            for (p, m, v, st), jobs in _configs(study, "validation").items()]
     return pd.DataFrame(rows)
 
 def _mean_sd(x, digits: int) -> str:
