@@ -23,7 +23,7 @@ from .multi import MULTI_METHODS, erase_concepts
 from .runs import check_choice, check_int, save_figure, save_table
 from .study import (JobStudy, _parser as _study_parser, _record_settings, boot_indices, bootstrap_interval,
                           check_disjoint, folder_settings, paired_difference, run_command)
-from .studyreport import _fd_resamples
+from .studyreport import _mean_sd, frechet_interval
 from .toyworld import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, caption
 
 # %% auto #0
@@ -348,22 +348,9 @@ def sweep_table(study: MultiStudy) -> pd.DataFrame:
             for (p, m, v, st), jobs in _configs(study, "validation").items()]
     return pd.DataFrame(rows)
 
-def _mean_sd(x, digits: int) -> str:
-    "Mean ± sd (ddof 1) of the values over seeds, or the value alone for one seed."
-    x = np.asarray(x, float)
-    return f"{x.mean():.{digits}f}" + (f" ± {x.std(ddof=1):.{digits}f}" if len(x) > 1 else "")
-
-def _frechet_interval(scores: list[dict]) -> dict:
-    """`frechet_low`, `frechet_high`: the seed-mean Fréchet distance ± 1.96 × its two-level bootstrap standard error
-    (captions and training seeds; `ant_nb.studyreport.test_table`'s rule), NaN without `fd_boot`."""
-    boot = _fd_resamples(scores, np.random.default_rng(0))
-    mean = float(np.mean([x["frechet"] for x in scores]))
-    half = np.nan if boot is None else 1.96 * float(np.std(boot, ddof=1))
-    return dict(frechet_low=mean - half, frechet_high=mean + half)
-
 def test_table(study: MultiStudy) -> pd.DataFrame:
     """Both protocols on the test split: each metric as mean ± sd over seeds with its 95 % two-level bootstrap interval
-    (the Fréchet distance's: `_frechet_interval`)."""
+    (the Fréchet distance's: `ant_nb.studyreport.frechet_interval`)."""
     rows = []
     for (p, m, v, st), jobs in _configs(study, "test").items():
         values, d = _outcomes_of(study, jobs), [study.scores(j) for j in jobs]
@@ -373,7 +360,7 @@ def test_table(study: MultiStudy) -> pd.DataFrame:
             row |= {k: _mean_sd([x[k] for x in d], 3 if study.s.kind == "celebrity" else 1),
                     f"{k}_mean": float(np.mean([x[k] for x in d])),
                     f"{k}_low": lo, f"{k}_high": hi}
-        rows.append(row | {k: _mean_sd([x[k] for x in d], 1) for k in ("frechet", "alignment")} | _frechet_interval(d))
+        rows.append(row | {k: _mean_sd([x[k] for x in d], 1) for k in ("frechet", "alignment")} | dict(zip(("frechet_low", "frechet_high"), frechet_interval(d, "frechet"))))
     order = {"original": 0, "paper": 1, "tuned": 2}
     return pd.DataFrame(rows).sort_values(["protocol", "method"], key=lambda c: c.map(order) if c.name == "protocol" else c,
                                           kind="stable").reset_index(drop=True)

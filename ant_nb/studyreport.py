@@ -14,7 +14,8 @@ from .runs import save_table
 from .study import Job, Study, bootstrap_interval, mask_table, paired_difference, resample_seeds
 
 # %% auto #0
-__all__ = ['study_results', 'test_table', 'comparisons', 'sweep_table', 'check_table', 'tradeoff_figure', 'write_study_tables']
+__all__ = ['study_results', 'frechet_interval', 'test_table', 'comparisons', 'sweep_table', 'check_table', 'tradeoff_figure',
+           'write_study_tables']
 
 # %% ../nbs/09e_studyreport.ipynb #cfb83633
 def study_results(study: Study) -> pd.DataFrame:
@@ -35,15 +36,25 @@ def _configs(study: Study, split: str = "test") -> dict[tuple, list[Job]]:
         if j.split == split and study.scores(j) is not None: out.setdefault((p, j.arm, j.lr, j.iterations), []).append(j)
     return out
 
-def _mean_sd(x) -> str:
+def _mean_sd(x, digits: int = 1) -> str:
+    "Mean ± sd (ddof 1) of the values over seeds, or the value alone for one seed."
     x = np.asarray(x, float)
-    return f"{x.mean():.1f} ± {x.std(ddof=1):.1f}" if len(x) > 1 else f"{x.mean():.1f}"
+    return f"{x.mean():.{digits}f}" + (f" ± {x.std(ddof=1):.{digits}f}" if len(x) > 1 else "")
 
 def _fd_resamples(scores: list[dict], # the finished jobs' scores, one per training seed
                   rng: np.random.Generator) -> np.ndarray | None:
     "(n_boot_fd,) seed-mean Fréchet distance with test captions and training seeds resampled (None without `fd_boot`)."
     if not all("fd_boot" in x for x in scores): return None
     return resample_seeds(np.array([x["fd_boot"] for x in scores]), rng)
+
+def frechet_interval(scores: list[dict], # the finished jobs' scores, one per training seed
+                     key: str = "fd", # the scores' Fréchet-distance field
+                    ) -> tuple[float, float]:
+    "The seed-mean Fréchet distance ± 1.96 × its two-level bootstrap standard error (NaN without `fd_boot`)."
+    boot = _fd_resamples(scores, np.random.default_rng(0))
+    mean = float(np.mean([x[key] for x in scores]))
+    half = np.nan if boot is None else 1.96 * float(np.std(boot, ddof=1))
+    return mean - half, mean + half
 
 def test_table(study: Study) -> pd.DataFrame:
     """Both protocols on the test split: detections and Fréchet distance as mean ± sd over seeds, with 95 % intervals
@@ -54,14 +65,13 @@ def test_table(study: Study) -> pd.DataFrame:
     for (p, arm, lr, it), jobs in _configs(study).items():
         d = [study.scores(j) for j in jobs]
         lo, hi = bootstrap_interval(_per_prompt(study, jobs), study.boot["test"])
-        fd_boot = _fd_resamples(d, np.random.default_rng(0))
-        fd_mean, fd_se = float(np.mean([x["fd"] for x in d])), np.nan if fd_boot is None else float(np.std(fd_boot, ddof=1))
+        fd_low, fd_high = frechet_interval(d)
         rows.append(dict(protocol=p, arm=arm, lr=lr, iterations=None if it is None else int(it), seeds=len(jobs),
                          detections=_mean_sd([x["total"] for x in d]), det_low=lo, det_high=hi,
                          fd=_mean_sd([x["fd"] for x in d]),
-                         fd_low=fd_mean - 1.96 * fd_se, fd_high=fd_mean + 1.96 * fd_se,
+                         fd_low=fd_low, fd_high=fd_high,
                          alignment=_mean_sd([x["alignment"] for x in d]), trained_weights=d[0]["trained_weights"],
-                         det_mean=float(np.mean([x["total"] for x in d])), fd_mean=fd_mean))
+                         det_mean=float(np.mean([x["total"] for x in d])), fd_mean=float(np.mean([x["fd"] for x in d]))))
     order = {"original": 0, "paper": 1, "tuned": 2}
     return pd.DataFrame(rows).sort_values(["protocol", "arm"], key=lambda c: c.map(order) if c.name == "protocol" else c,
                                           kind="stable").reset_index(drop=True)
