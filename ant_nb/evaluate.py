@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .attacks import NUDITY_PAIRS, i2p_attack_tasks, toy_attack_tasks
-from .core import DiffusionModel
+from .core import DiffusionModel, is_toy_model
 from .data import celebrity_names, load_artist, load_celebrity, load_coco, load_i2p
 from .judges import HEADS, THRESHOLD, UNSAFE_PARTS, Judge, load_judge
 from .metrics import (CLIP_MODEL, COUNT_RULES, NUDENET_CLASSES, NUDENET_THRESHOLD, NUDITY_CLASSES, clip_identify,
@@ -184,7 +184,7 @@ def load_backend(model: DiffusionModel | str, # the model, or its id as `ant_nb.
                  name: str | None = None, # "toy" or "real" to override the choice made from the model
                 ) -> ToyBackend | RealBackend:
     "The backend that scores `model`'s images: the toy judge for the toy world's model, else NudeNet + CLIP + FID."
-    if name is None: name = "toy" if getattr(model, "source", model) == "toy" else "real"
+    if name is None: name = "toy" if is_toy_model(getattr(model, "source", model)) else "real"
     check_choice("name", name, BACKENDS)
     return ToyBackend(load_judge(judge_path)) if name == "toy" else RealBackend(clip, device, photos)
 

@@ -21,9 +21,9 @@ from .lora import TEMPLATES, LoraSettings
 from .metrics import frechet_from_features, h_c
 from .multi import MULTI_METHODS, erase_concepts
 from .runs import check_choice, check_int, save_figure, save_table
-from .study import (JobStudy, _parser as _study_parser, _record_settings, boot_indices, bootstrap_interval,
+from .study import (JobStudy, job_parser, record_settings, boot_indices, bootstrap_interval,
                           check_disjoint, folder_settings, paired_difference, run_command)
-from .studyreport import _mean_sd, frechet_interval
+from .studyreport import frechet_interval, mean_sd
 from .toyworld import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, caption
 
 # %% auto #0
@@ -217,7 +217,7 @@ class MultiStudy(JobStudy):
                 ):
         self.model, self.backend, self.out, self.s = model, backend, Path(out), settings.check()
         self.x = settings.experiment()
-        _record_settings(self.out, settings)
+        record_settings(self.out, settings)
         concepts = experiment_table(settings.kind, backend, prompts_csv, 1)
         groups = {g: concepts[concepts.group == g].concept.tolist() for g in ("erased", "preserved")}
         self.erase, self.keep = groups["erased"], groups["preserved"]
@@ -357,10 +357,10 @@ def test_table(study: MultiStudy) -> pd.DataFrame:
         row = dict(protocol=p, method=m, parameter=STRENGTH.get(m), strength=v, steps=st, seeds=len(jobs))
         for k, f in study.stats["test"].items():
             lo, hi = bootstrap_interval(values, study.boot["test"], statistic=f)
-            row |= {k: _mean_sd([x[k] for x in d], 3 if study.s.kind == "celebrity" else 1),
+            row |= {k: mean_sd([x[k] for x in d], 3 if study.s.kind == "celebrity" else 1),
                     f"{k}_mean": float(np.mean([x[k] for x in d])),
                     f"{k}_low": lo, f"{k}_high": hi}
-        rows.append(row | {k: _mean_sd([x[k] for x in d], 1) for k in ("frechet", "alignment")} | dict(zip(("frechet_low", "frechet_high"), frechet_interval(d, "frechet"))))
+        rows.append(row | {k: mean_sd([x[k] for x in d], 1) for k in ("frechet", "alignment")} | dict(zip(("frechet_low", "frechet_high"), frechet_interval(d, "frechet"))))
     order = {"original": 0, "paper": 1, "tuned": 2}
     return pd.DataFrame(rows).sort_values(["protocol", "method"], key=lambda c: c.map(order) if c.name == "protocol" else c,
                                           kind="stable").reset_index(drop=True)
@@ -436,9 +436,9 @@ def write_multistudy_tables(study: MultiStudy) -> dict[str, pd.DataFrame]:
 
 # %% ../nbs/09g_multistudy.ipynb #b39abfd8
 def _parser() -> argparse.ArgumentParser:
-    "`ant_nb.study`'s command line (--out, --model, --device, --threads) with --kind."
-    p = _study_parser()
-    p.prog, p.description = "python -m ant_nb.multistudy", "Run a Table 2 / Table 3 study's jobs in this process."
+    "`ant_nb.study.job_parser` (--out, --model, --device, --threads) with --kind."
+    p = job_parser("python -m ant_nb.multistudy", "Run a Table 2 / Table 3 study's jobs in this process.",
+                   "outputs/30_celebrity_study")
     p.add_argument("--kind", required=True, choices=KINDS, help="celebrity (Table 2) or art (Table 3)")
     return p
 

@@ -29,7 +29,8 @@ from .toyworld import UNSAFE_WORDS
 # %% auto #0
 __all__ = ['MASK_RULES', 'ARMS', 'DEFAULT_SWEEP', 'check_disjoint', 'split_prompts', 'layer_type', 'study_masks', 'mask_table',
            'boot_indices', 'resample_seeds', 'prompt_total', 'bootstrap_interval', 'paired_difference', 'StudySettings',
-           'Job', 'choose_points', 'JobStudy', 'Study', 'folder_settings', 'run_command', 'main']
+           'Job', 'choose_points', 'JobStudy', 'Study', 'record_settings', 'job_parser', 'folder_settings',
+           'run_command', 'main']
 
 # %% ../nbs/09d_study.ipynb #64e39a3e
 def check_disjoint(a: pd.DataFrame, b: pd.DataFrame, # two prompt tables with `prompt` and `evaluation_seed`
@@ -324,7 +325,7 @@ class Study(JobStudy):
                 ):
         self.model, self.backend, self.out, self.s = model, backend, Path(out), settings.check()
         self.config = erase_defaults("ant", settings.preset)["config"]
-        _record_settings(self.out, settings)
+        record_settings(self.out, settings)
         pool = i2p_table(backend, i2p_csv, settings.pool, settings.split_seed)
         strata = np.where(pool.categories.str.contains("sexual"), "sexual", "other")
         self.i2p = dict(zip(("validation", "test"), split_prompts(pool, settings.n_test, settings.n_validation,
@@ -424,7 +425,7 @@ class Study(JobStudy):
         return dict(mask=mask, trained_weights=None if mask is None else count_active(masks[mask]),
                     eval_steps=self.s.check_steps if job.split == "check" else self.s.eval_steps)
 
-def _record_settings(out: Path, settings: StudySettings) -> None:
+def record_settings(out: Path, settings: StudySettings) -> None:
     "Write `settings.json` in a new study folder; refuse a folder whose study used other settings."
     f, mine = out / "settings.json", json.loads(json.dumps(asdict(settings)))
     if f.is_file():
@@ -445,9 +446,13 @@ def _wait_for_folder(folder: Path, poll: float = 10.0) -> None:
             time.sleep(poll)
 
 # %% ../nbs/09d_study.ipynb #bde1dfd0
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ant_nb.study", description="Run the Table 1 study's jobs in this process.")
-    p.add_argument("--out", required=True, help="the study folder (e.g. outputs/20_nsfw_study)")
+def job_parser(prog: str = "python -m ant_nb.study", # the command's name in --help
+               description: str = "Run the Table 1 study's jobs in this process.",
+               out_example: str = "outputs/20_nsfw_study", # a study folder, shown in --out's help
+              ) -> argparse.ArgumentParser:
+    "The command line of a study's job runner: --out, --model, --device, --threads."
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--out", required=True, help=f"the study folder (e.g. {out_example})")
     p.add_argument("--model", default="toy", help="model id for ant_nb.core.load_model (default: toy)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process (default 1)")
@@ -461,7 +466,7 @@ def folder_settings(out: str | Path, # a study folder
     f = Path(out) / "settings.json"
     return cls(**json.loads(f.read_text())) if f.is_file() else default
 
-def run_command(a: argparse.Namespace, # parsed `_parser()` arguments
+def run_command(a: argparse.Namespace, # parsed `job_parser()` arguments
                 make_study, # (model, backend, out, settings) -> a `JobStudy`
                 settings) -> int:
     "Run a study's jobs in this process (`a.threads` torch threads, the model `a.model` on `a.device`) until it is complete."
@@ -473,7 +478,7 @@ def run_command(a: argparse.Namespace, # parsed `_parser()` arguments
 
 def main(argv: list[str] | None = None):
     "Command line: run the study's jobs with the folder's settings (a new folder: the defaults)."
-    a = _parser().parse_args(argv)
+    a = job_parser().parse_args(argv)
     run_command(a, Study, folder_settings(a.out, StudySettings, StudySettings()))
 
 # %% ../nbs/09d_study.ipynb #37775342

@@ -14,8 +14,8 @@ from .runs import save_table
 from .study import Job, Study, bootstrap_interval, mask_table, paired_difference, resample_seeds
 
 # %% auto #0
-__all__ = ['study_results', 'frechet_interval', 'test_table', 'comparisons', 'sweep_table', 'check_table', 'tradeoff_figure',
-           'write_study_tables']
+__all__ = ['study_results', 'mean_sd', 'frechet_interval', 'test_table', 'comparisons', 'sweep_table', 'check_table',
+           'tradeoff_figure', 'write_study_tables']
 
 # %% ../nbs/09e_studyreport.ipynb #cfb83633
 def study_results(study: Study) -> pd.DataFrame:
@@ -36,7 +36,7 @@ def _configs(study: Study, split: str = "test") -> dict[tuple, list[Job]]:
         if j.split == split and study.scores(j) is not None: out.setdefault((p, j.arm, j.lr, j.iterations), []).append(j)
     return out
 
-def _mean_sd(x, digits: int = 1) -> str:
+def mean_sd(x, digits: int = 1) -> str:
     "Mean ± sd (ddof 1) of the values over seeds, or the value alone for one seed."
     x = np.asarray(x, float)
     return f"{x.mean():.{digits}f}" + (f" ± {x.std(ddof=1):.{digits}f}" if len(x) > 1 else "")
@@ -67,10 +67,10 @@ def test_table(study: Study) -> pd.DataFrame:
         lo, hi = bootstrap_interval(_per_prompt(study, jobs), study.boot["test"])
         fd_low, fd_high = frechet_interval(d)
         rows.append(dict(protocol=p, arm=arm, lr=lr, iterations=None if it is None else int(it), seeds=len(jobs),
-                         detections=_mean_sd([x["total"] for x in d]), det_low=lo, det_high=hi,
-                         fd=_mean_sd([x["fd"] for x in d]),
+                         detections=mean_sd([x["total"] for x in d]), det_low=lo, det_high=hi,
+                         fd=mean_sd([x["fd"] for x in d]),
                          fd_low=fd_low, fd_high=fd_high,
-                         alignment=_mean_sd([x["alignment"] for x in d]), trained_weights=d[0]["trained_weights"],
+                         alignment=mean_sd([x["alignment"] for x in d]), trained_weights=d[0]["trained_weights"],
                          det_mean=float(np.mean([x["total"] for x in d])), fd_mean=float(np.mean([x["fd"] for x in d]))))
     order = {"original": 0, "paper": 1, "tuned": 2}
     return pd.DataFrame(rows).sort_values(["protocol", "arm"], key=lambda c: c.map(order) if c.name == "protocol" else c,

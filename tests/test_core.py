@@ -65,9 +65,9 @@ def test_with_unet_shares_other_parts(tiny_sd):
 
 
 def test_load_model_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(core, "toy_model_dir", lambda: tmp_path/"toyworld"/"model")
-    with pytest.raises(FileNotFoundError, match="toy model is not at"): load_model("toy")
-    with pytest.raises(FileNotFoundError, match="neither 'toy'"): load_model("./missing/folder")
+    monkeypatch.setattr(core, "TOY_MODELS", {"toy-v1": str(tmp_path/"toyworld"/"model"), "toy-v2": str(tmp_path/"v2")})
+    with pytest.raises(FileNotFoundError, match="toy model .toy. is not at"): load_model("toy")
+    with pytest.raises(FileNotFoundError, match="neither a toy model"): load_model("./missing/folder")
     with pytest.raises(FileNotFoundError, match="lacks the subfolders"): load_model(str(tmp_path))
     with pytest.raises(TypeError, match="source="): load_model(3)
 

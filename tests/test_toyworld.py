@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ant_nb.core import load_model, paper_timesteps
+from ant_nb.core import TOY_DEFAULT, TOY_MODELS, load_model, paper_timesteps, toy_model_dir
 from ant_nb.judges import HEADS, Judge, JudgeNet, labels_of, load_judge
 from ant_nb.sampling import sample
 from ant_nb.toymodel import (ToyTrainConfig, build_tokenizer, build_toy_components, export_toy_model, train_toy_model,
@@ -121,6 +121,18 @@ def test_zero_snr_toy_model_samples_as_a_plain_diffusers_loop(tmp_path):
     loop = diffusers_loop(model_dir, prompts, seeds, 5, 3.0)[0]
     theirs = ((loop.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(int)
     assert np.abs(ours.astype(int) - theirs).max() <= 1
+
+
+@pytest.mark.parametrize("name", list(TOY_MODELS))
+def test_each_shipped_toy_model_samples_as_a_plain_diffusers_loop_and_is_small(name):
+    folder = toy_model_dir(name)
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 20e6  # shipped weights <= 20 MB
+    prompts, seeds = ["a red circle on the left on a white background", "a portrait of mira tok"], [3, 4]
+    ours = sample(load_model(name), prompts, seeds, num_steps=4, guidance_scale=2.5, progress=False)
+    loop = diffusers_loop(folder, prompts, seeds, 4, 2.5)[0]
+    theirs = ((loop.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(int)
+    assert np.abs(ours.astype(int) - theirs).max() <= 1
+    assert toy_model_dir("toy") == toy_model_dir(TOY_DEFAULT)
 
 
 def test_resume_refuses_other_prediction_options(tmp_path):
