@@ -98,11 +98,12 @@ def _check_folder(folder: Path) -> Path:
 def _locate(source: str) -> tuple[str, bool]:
     "Resolve `source` to (local folder or hub id, is_local), or raise `FileNotFoundError`."
     if is_toy_model(source):
-        folder = toy_model_dir(source)
+        rel = _toy_folder(source)
+        folder = project_path(rel)
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"The toy model {source!r} is not at {folder}. It is part of the repository ({_toy_folder(source)}/): "
-                f"restore it with `git checkout -- {_toy_folder(source)}`, or train it again with the toy-world notebook "
+                f"The toy model {source!r} is not at {folder}. It is part of the repository ({rel}/): "
+                f"restore it with `git checkout -- {rel}`, or train it again with the toy-world notebook "
                 "(nbs/11_train_toyworld.ipynb); or pass a diffusers folder or a hub id as `source`.")
         return str(_check_folder(folder)), True
     path = Path(source).expanduser()

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ant_nb.core import DiffusionModel, encode_prompts, load_model, prediction_target
 from ant_nb.runs import project_path, save_table
 from ant_nb.toymodel import UNET_CONFIG, build_toy_components, world_batch
-from ant_nb.toyworld import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, WorldMix
+from ant_nb.toyworld import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, WorldMix, caption
 
 THIRDS = (slice(0, 11), slice(11, 21), slice(21, 32))  # image columns of the left, middle and right third
 FOUR_LEVELS = dict(block_out_channels=(32, 64, 96, 96),
@@ -42,10 +42,9 @@ EVERYTHING_SAID = WorldMix(p_character=0, p_unsafe=0, p_style=0, p_say_colour=1,
 
 def probe_prompts() -> pd.DataFrame:
     "Every (shape, colour, position, background) object prompt, with its fields."
-    rows = [dict(shape=s, colour=c, position=p, background=b,
-                 prompt=f"a {c} {s} {POSITION_PHRASES[p]} on a {b} background")
-            for s in SHAPES for c in COLOURS for p in POSITION_PHRASES for b in BACKGROUNDS]
-    return pd.DataFrame(rows)
+    specs = [dict(shape=s, colour=c, position=p, background=b)
+             for s in SHAPES for c in COLOURS for p in POSITION_PHRASES for b in BACKGROUNDS]
+    return pd.DataFrame([spec | dict(prompt=caption(spec)) for spec in specs])
 
 
 @torch.no_grad()
