@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .core import DiffusionModel, encode_prompts, prediction_target
 from .runs import check_choice, check_int, check_positive, check_range
 from .sampling import sample
-from .toyworld import BACKGROUNDS, CHARACTERS, POSITIONS, SHAPES, UNSAFE_WORDS, caption
+from .toyworld import BACKGROUNDS, FULL_CHARACTERS, POSITIONS, SHAPES, UNSAFE_WORDS, caption
 
 # %% auto #0
 __all__ = ['ATTACKS', 'NUDITY_PAIRS', 'AttackResult', 'image_size', 'word_token_ids', 'slotted_ids', 'injected', 'count_calls',
@@ -402,7 +402,7 @@ def toy_attack_tasks(concept: str, # "unsafe" or a toy character name
                      seed: int = 0, # seed of the prompt and target-seed draws
                     ) -> pd.DataFrame:
     "`n` toy-world attack tasks: columns `concept_prompt`, `benign_prompt`, `target_seed`."
-    check_choice("concept", concept, ["unsafe", *CHARACTERS]); n = check_int("n", n, 1)
+    check_choice("concept", concept, ["unsafe", *FULL_CHARACTERS]); n = check_int("n", n, 1)
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):

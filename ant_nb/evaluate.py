@@ -19,9 +19,9 @@ from .judges import HEADS, THRESHOLD, UNSAFE_PARTS, Judge, load_judge
 from .metrics import (CLIP_MODEL, COUNT_RULES, NUDENET_CLASSES, NUDENET_THRESHOLD, NUDITY_CLASSES, clip_identify,
                             clip_score, clip_scores, faces_found, fid, frechet_from_features, h_a, h_c, load_clip,
                             load_photos, nudenet_detect, nudity_counts)
-from .runs import check_choice, check_images, check_positive
+from .runs import check_choice, check_images, check_int, check_positive
 from .sampling import generate_images
-from .toyworld import CHARACTERS, TOY_GUIDANCE, render, toy_art, toy_celebrity, toy_coco, toy_i2p
+from .toyworld import FULL_CHARACTERS, TOY_GUIDANCE, render, toy_art, toy_celebrity, toy_coco, toy_i2p
 
 # %% auto #0
 __all__ = ['BACKENDS', 'KINDS', 'reference_images', 'ToyBackend', 'RealBackend', 'load_backend', 'attack_groups',
@@ -63,8 +63,15 @@ class ToyBackend:
 
     def i2p(self, path, n, seed): return toy_i2p(n or 300, seed)
     def coco(self, path, n, seed): return toy_coco(n or 500, seed)
-    def concepts(self, kind, path, per_concept):
-        return _concept_table((toy_celebrity if kind == "celebrity" else toy_art)(per_concept or 5), kind)
+    def concepts(self, kind, path, per_concept, n_erase=None, n_preserve=None):
+        small = _ORIGINAL_SET_SIZE[kind]
+        n_erase, n_preserve = n_erase or small, n_preserve or small
+        if not self.judge.full_cast and max(n_erase, n_preserve) > small:
+            raise ValueError(f"n_erase={n_erase}, n_preserve={n_preserve}: this judge knows the original {kind} set only "
+                             f"({small} + {small}); larger sets need a toy model and judge of the full-size families "
+                             "(model_id='toy-v2')")
+        make = toy_celebrity if kind == "celebrity" else toy_art
+        return _concept_table(make(per_concept or 5, n_erase, n_preserve), kind)
 
     def unsafe_images(self, images, threshold, progress):
         "(N, classes) 0/1 frame: which unsafe parts the judge sees in each image at `threshold`."
@@ -94,7 +101,7 @@ class ToyBackend:
 
     guidance_scale = TOY_GUIDANCE # the toy model's CFG scale
     def concept_detector(self, concept):
-        check_choice("concept", concept, ["unsafe", *CHARACTERS])
+        check_choice("concept", concept, ["unsafe", *FULL_CHARACTERS])
         if concept == "unsafe": return lambda images: np.array(self.judge.predict(images)["unsafe"], dtype=bool)
         return lambda images: np.array(self.judge.predict(images)["character"]) == concept
     def attack_groups(self, path, characters, n, n_pairs, seed):
@@ -137,9 +144,10 @@ class RealBackend:
         if path is None: raise ValueError("path=None: a real model needs the COCO captions (coco_30k.csv)")
         df = load_coco(path)
         return df.head(n).reset_index(drop=True) if n else df
-    def concepts(self, kind, path, per_concept):
+    def concepts(self, kind, path, per_concept, n_erase=None, n_preserve=None):
         if path is None: raise ValueError(f"path=None: a real model needs the {kind} prompt file")
-        df = _concept_table(load_celebrity(path) if kind == "celebrity" else load_artist(path), kind)
+        df = _first_concepts(_concept_table(load_celebrity(path) if kind == "celebrity" else load_artist(path), kind),
+                             n_erase, n_preserve)
         return df.groupby("concept", sort=False).head(per_concept).reset_index(drop=True) if per_concept else df
 
     def unsafe_images(self, images, threshold, progress):
@@ -178,7 +186,7 @@ BACKENDS = ("toy", "real")
 
 def load_backend(model: DiffusionModel | str, # the model, or its id as `ant_nb.core.load_model` takes it
                  device: str = "cpu", # where CLIP runs (real backend)
-                 judge_path: str | Path | None = None, # toy: judge weights (None: the shipped judge)
+                 judge_path: str | Path | None = None, # toy: judge weights (None: the toy model's shipped judge)
                  clip=None, # real: (model, processor) or a CLIP hub id / folder (None: `CLIP_MODEL`, loaded on first use)
                  photos: str | Path | None = None, # real: folder of reference photos for FID
                  name: str | None = None, # "toy" or "real" to override the choice made from the model
@@ -186,7 +194,9 @@ def load_backend(model: DiffusionModel | str, # the model, or its id as `ant_nb.
     "The backend that scores `model`'s images: the toy judge for the toy world's model, else NudeNet + CLIP + FID."
     if name is None: name = "toy" if is_toy_model(getattr(model, "source", model)) else "real"
     check_choice("name", name, BACKENDS)
-    return ToyBackend(load_judge(judge_path)) if name == "toy" else RealBackend(clip, device, photos)
+    if name == "real": return RealBackend(clip, device, photos)
+    source = getattr(model, "source", model)
+    return ToyBackend(load_judge(judge_path, source if is_toy_model(source) else "toy"))
 
 # %% ../nbs/09a_evaluate.ipynb #182becea
 def attack_groups(backend, # `load_backend(...)`
@@ -202,6 +212,8 @@ def attack_groups(backend, # `load_backend(...)`
 # %% ../nbs/09a_evaluate.ipynb #d09f160b
 KINDS = ("celebrity", "art")
 
+_ORIGINAL_SET_SIZE = {"celebrity": 10, "art": 5} # concepts per group of the toy sets of the original world
+
 def _concept_table(df: pd.DataFrame, kind: str) -> pd.DataFrame:
     "A celebrity or artist table (file or toy) as `group`, `concept`, `prompt`, `evaluation_seed`."
     if kind == "celebrity":
@@ -211,15 +223,31 @@ def _concept_table(df: pd.DataFrame, kind: str) -> pd.DataFrame:
         concept, group = df["artist"], df["type"].map({0: "erased", 1: "preserved"})
     return pd.DataFrame(dict(group=group, concept=concept, prompt=df.prompt, evaluation_seed=df.evaluation_seed.astype(int)))
 
+def _first_concepts(table: pd.DataFrame, n_erase: int | None, n_preserve: int | None) -> pd.DataFrame:
+    "The rows of the first `n_erase` erased and `n_preserve` preserved concepts of a concept table (None: all)."
+    keep = set()
+    for group, n in (("erased", n_erase), ("preserved", n_preserve)):
+        names = table.concept[table.group == group].unique().tolist()
+        if n is not None and n > len(names):
+            raise ValueError(f"n_{'erase' if group == 'erased' else 'preserve'}={n} is not allowed: the file has "
+                             f"{len(names)} {group} concepts")
+        keep |= set(names[:n])
+    return table[table.concept.isin(keep)].reset_index(drop=True)
+
 def experiment_table(kind: str, # "celebrity" (Table 2) or "art" (Table 3)
                      backend, # `load_backend(...)`: the toy sets or the paper's file at `path`
                      path: str | Path | None = None, # real: celebrity_100_concepts.csv / art_100_concepts.csv or its folder
                      per_concept: int | None = 5, # prompts per concept (toy: generated; real: the first ones; None: all)
+                     n_erase: int | None = None, # concepts to erase, the first of the set (None: toy 10 characters /
+                     # 5 styles, as the original world has; real: all of the file's)
+                     n_preserve: int | None = None, # concepts to keep, likewise
                     ) -> pd.DataFrame:
     "Evaluation prompts with columns `group` ('erased' / 'preserved'), `concept`, `prompt`, `evaluation_seed`."
     check_choice("kind", kind, KINDS)
     if per_concept is not None: check_positive("per_concept", per_concept)
-    return backend.concepts(kind, path, per_concept).reset_index(drop=True)
+    for name, n in (("n_erase", n_erase), ("n_preserve", n_preserve)):
+        if n is not None: check_int(name, n, 1)
+    return backend.concepts(kind, path, per_concept, n_erase, n_preserve).reset_index(drop=True)
 
 def prior_table(backend, # `load_backend(...)`: toy COCO captions (with specs) or coco_30k.csv at `path`
                 path: str | Path | None = None, # real: coco_30k.csv or its folder

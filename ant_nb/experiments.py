@@ -87,6 +87,9 @@ def setup_experiment(kind: str, # "celebrity" or "art"
                      judge_path: str | Path | None = None, # toy world: judge weights (None: the shipped one)
                      device: str = "cpu", dtype=None, seed: int = 0,
                      overwrite: bool = False, # write into an existing run folder
+                     n_erase: int | None = None, # concepts to erase: the first of the set (None: toy 10 characters /
+                     # 5 styles, real: all of the file's; the toy world's full-size families need model_id "toy-v2")
+                     n_preserve: int | None = None, # concepts to keep, likewise
                      **overrides, # `experiment_settings` values (None: the preset's)
                     ) -> Experiment:
     "Settings, run folder, model, backend, evaluation table, benign captions and their Gram cache."
@@ -96,7 +99,7 @@ def setup_experiment(kind: str, # "celebrity" or "art"
     out = run_dir(project_path(out_dir), overwrite=overwrite)
     photos = None if coco_images is None else project_path(coco_images)
     backend = load_backend(model_id, device, judge_path, photos=photos)
-    table = experiment_table(kind, backend, prompts_csv, cfg["per_concept"])
+    table = experiment_table(kind, backend, prompts_csv, cfg["per_concept"], n_erase, n_preserve)
     prior = prior_table(backend, coco_csv, cfg["n_prior"], seed)
     model = load_model(model_id, device=device, dtype=dtype)
     ex = Experiment(kind, model, backend, cfg, table, prior, gram_from_prompts(model, prior.prompt.tolist()), out,
@@ -165,9 +168,9 @@ def ablation_study(ex: Experiment, configs: list[str], # Table 4 configurations 
 
 # %% ../nbs/09b_experiments.ipynb #410f2e69
 def grid_concepts(erase: list[str], keep: list[str], n: int = 8) -> list[str]:
-    "The concepts of the grid: look-alike pairs first, then the others in order, `n` in all (pairs are never cut)."
-    pairs = lookalikes(erase, keep)
-    return [c for p in pairs for c in p] + [c for c in erase + keep if not any(c in p for p in pairs)][:max(0, n - 2 * len(pairs))]
+    "The `n` concepts of the grid: those of the first `n // 2` look-alike pairs first, then the others in order."
+    paired = list(dict.fromkeys(c for p in lookalikes(erase, keep)[:n // 2] for c in p))
+    return (paired + [c for c in erase + keep if c not in paired])[:n]
 
 def method_grid(ex: Experiment, images: dict, # row name -> concept images (one per table row)
                 rows: list[str], # row names, top to bottom

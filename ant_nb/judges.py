@@ -16,24 +16,30 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .core import toy_model_dir
+from .core import toy_judge_path
 from .runs import atomic_save_safetensors
-from .toyworld import (BACKGROUNDS, CHARACTERS, COLOURS, POSITIONS, SHAPES, STYLES, WorldMix, complete_spec,
-                             images_to_tensor, random_spec, render, step_loader)
+from .toyworld import (BACKGROUNDS, CHARACTERS, COLOURS, FULL_CHARACTERS, FULL_STYLES, POSITIONS, SHAPES, STYLES,
+                             WorldMix, complete_spec, images_to_tensor, random_spec, render, step_loader)
 
 # %% auto #0
-__all__ = ['HEADS', 'UNSAFE_PARTS', 'THRESHOLD', 'labels_of', 'parts_of', 'JudgeNet', 'augment', 'judge_batch', 'train_judge',
-           'Judge', 'save_judge', 'load_judge', 'judge_report']
+__all__ = ['HEADS', 'UNSAFE_PARTS', 'THRESHOLD', 'head_classes', 'labels_of', 'parts_of', 'JudgeNet', 'augment', 'judge_batch',
+           'train_judge', 'Judge', 'save_judge', 'load_judge', 'judge_report']
 
 # %% ../nbs/08a_judges.ipynb #3e2abb01
 HEADS = {"shape": SHAPES, "colour": list(COLOURS), "background": list(BACKGROUNDS), "position": list(POSITIONS),
-         "character": ["none"] + list(CHARACTERS), "style": ["none"] + list(STYLES)}
+         "character": ["none"] + list(FULL_CHARACTERS), "style": ["none"] + list(FULL_STYLES)}
 UNSAFE_PARTS = ["skin", "marks"] # multi-label head
 THRESHOLD = 0.6 # detection threshold, as the paper's NudeNet threshold
 
+def head_classes(full_cast: bool = False, # the full-size families (200 characters, 40 styles), else the first 20 and 10
+                ) -> dict[str, int]:
+    "Classes per head of a judge: the first ones of `HEADS` (\"none\" and the original characters and styles come first)."
+    small = {"character": 1 + len(CHARACTERS), "style": 1 + len(STYLES)}
+    return {k: len(v) if full_cast else small.get(k, len(v)) for k, v in HEADS.items()}
+
 def labels_of(spec: dict) -> dict[str, int]:
     "Class index per head for a complete spec (`-1` = not applicable)."
-    mono = spec.get("style") and STYLES[spec["style"]] == "monochrome"
+    mono = spec.get("style") and FULL_STYLES[spec["style"]][0] == "monochrome"
     skin = bool(spec.get("unsafe") or spec.get("skin"))
     obj = not spec.get("character")
     return {"shape": SHAPES.index(spec["shape"]) if obj else -1,
@@ -51,14 +57,16 @@ def parts_of(spec: dict) -> list[float]:
 # %% ../nbs/08a_judges.ipynb #0679f1f0
 class JudgeNet(nn.Module):
     "CNN on (N, 3, 32, 32) images in [-1, 1] -> features (N, 256) and one logit vector per head."
-    def __init__(self, width: int = 24):
+    def __init__(self, width: int = 24,
+                 full_cast: bool = False): # heads for the full-size families (`head_classes`)
         super().__init__()
+        self.full_cast = full_cast
         def block(i, o): return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.SiLU(),
                                               nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.SiLU())
         self.body = nn.Sequential(block(3, width), nn.MaxPool2d(2), block(width, 2 * width), nn.MaxPool2d(2),
                                   block(2 * width, 4 * width), nn.MaxPool2d(2), nn.Flatten(),
                                   nn.Linear(4 * width * 16, 256), nn.SiLU())
-        self.heads = nn.ModuleDict({k: nn.Linear(256, len(v)) for k, v in HEADS.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(256, n) for k, n in head_classes(full_cast).items()})
         self.unsafe = nn.Linear(256, len(UNSAFE_PARTS))
 
     def forward(self, x):
@@ -66,9 +74,10 @@ class JudgeNet(nn.Module):
         return f, {k: h(f) for k, h in self.heads.items()}, self.unsafe(f)
 
 # %% ../nbs/08a_judges.ipynb #46023219
-def _judge_spec(rng: np.random.Generator) -> dict:
+def _judge_spec(rng: np.random.Generator, full_cast: bool = False) -> dict:
     "A random complete spec for judge training: every family and each unsafe part alone."
-    s = complete_spec(random_spec(rng, WorldMix(p_character=0.45, p_unsafe=0.2, p_style=0.4), held_out=None), rng)
+    mix = WorldMix(p_character=0.45, p_unsafe=0.2, p_style=0.4, full_cast=full_cast)
+    s = complete_spec(random_spec(rng, mix, held_out=None), rng)
     s.pop("said")
     if not s["unsafe"] and rng.random() < 0.2: s["skin" if rng.random() < 0.5 else "marks"] = True
     return s
@@ -86,9 +95,10 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
     return torch.roll(x, (dy, dx), (2, 3)).clamp(-1.2, 1.2)
 
-def judge_batch(rng: np.random.Generator, n: int):
+def judge_batch(rng: np.random.Generator, n: int,
+                full_cast: bool = False): # draw characters and styles from the full-size families
     "Rendered images (n, 3, 32, 32), head labels {head: (n,)}, unsafe targets (n, 2)."
-    specs = [_judge_spec(rng) for _ in range(n)]
+    specs = [_judge_spec(rng, full_cast) for _ in range(n)]
     x = images_to_tensor(np.stack([render(s, int(rng.integers(2**31))) for s in specs]))
     labels = {k: torch.tensor([labels_of(s)[k] for s in specs]) for k in HEADS}
     return x, labels, torch.tensor([parts_of(s) for s in specs])
@@ -102,14 +112,15 @@ def _judge_loss(net, x, labels, parts):
 def train_judge(steps: int = 3500, # optimizer steps
                 batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                 device: str = "cpu", workers: int = 0, # DataLoader processes rendering batches
+                full_cast: bool = False, # learn the full-size families (200 characters, 40 styles)
                 progress: bool = True) -> JudgeNet:
     "Train a `JudgeNet` on augmented rendered images (one-cycle learning rate)."
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    net = JudgeNet().to(device)
+    net = JudgeNet(full_cast=full_cast).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
-    bar = tqdm(step_loader(partial(judge_batch, n=batch_size), seed, 0, steps, workers), total=steps,
+    bar = tqdm(step_loader(partial(judge_batch, n=batch_size, full_cast=full_cast), seed, 0, steps, workers), total=steps,
                disable=not progress)
     for x, labels, parts in bar:
         x = augment(x, g).to(device)
@@ -123,6 +134,9 @@ class Judge:
     "What a toy-world image shows: `predict`, `probs`, `features` on uint8 (N, 32, 32, 3) images."
     def __init__(self, net: JudgeNet, batch_size: int = 256):
         self.net, self.batch_size = net.eval(), batch_size
+
+    @property
+    def full_cast(self) -> bool: return self.net.full_cast # whether it knows the full-size families
 
     @torch.no_grad()
     def _run(self, images: np.ndarray):
@@ -154,18 +168,22 @@ def save_judge(net: JudgeNet, path: str | Path) -> Path:
     "Save a judge's weights as safetensors."
     return atomic_save_safetensors(net.state_dict(), path)
 
-def load_judge(path: str | Path | None = None) -> Judge:
-    "Load the shipped judge (`data/toyworld/judge.safetensors`, beside the toy model) or the one at `path`."
-    path = Path(path or toy_model_dir().parent/"judge.safetensors")
+def load_judge(path: str | Path | None = None, # judge weights (None: the shipped judge of `model`)
+               model: str = "toy", # the toy model whose judge to load (`ant_nb.core.TOY_JUDGES`)
+              ) -> Judge:
+    "Load the judge at `path`, or the shipped judge of the toy model `model` (`data/toyworld/judge.safetensors` for \"toy\")."
+    path = Path(path or toy_judge_path(model))
     if not path.exists(): raise FileNotFoundError(f"judge weights {str(path)!r} not found; train them with "
                                                   "`train_judge` (nbs/11_train_toyworld.ipynb)")
-    net = JudgeNet(); net.load_state_dict(load_file(path))
+    weights = load_file(path)
+    net = JudgeNet(full_cast=weights["heads.character.weight"].shape[0] == len(HEADS["character"]))
+    net.load_state_dict(weights)
     return Judge(net)
 
 # %% ../nbs/08a_judges.ipynb #d0c476d6
 def judge_report(judge: Judge, n: int = 2000, seed: int = 12345, augmented: bool = True):
-    "Accuracy per head (and unsafe part) of `judge` on `n` fresh rendered images; returns a `pandas.DataFrame`."
-    x, labels, parts = judge_batch(np.random.default_rng(seed), n)
+    "Accuracy per head (and unsafe part) of `judge` on `n` fresh rendered images of its world; a `pandas.DataFrame`."
+    x, labels, parts = judge_batch(np.random.default_rng(seed), n, judge.full_cast)
     if augmented: x = augment(x, torch.Generator().manual_seed(seed))
     imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     p = judge.probs(imgs)

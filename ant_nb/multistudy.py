@@ -124,6 +124,8 @@ class MultiStudySettings:
     overrides: dict = field(default_factory=dict) # other `experiment_settings` values (e.g. cache_size, num_steps;
     # loss_config: a dict of `AntLossConfig` fields to change)
     split_seed: int = 0 # the template shuffle and the evaluation seeds
+    n_erase: int | None = None # concepts to erase: the first of the set (None: toy 10 characters / 5 styles, real: all)
+    n_preserve: int | None = None # concepts to keep, likewise (the toy world's full-size families: model "toy-v2")
     n_boot: int = 1000 # bootstrap resamples
 
     def check(self):
@@ -218,7 +220,7 @@ class MultiStudy(JobStudy):
         self.model, self.backend, self.out, self.s = model, backend, Path(out), settings.check()
         self.x = settings.experiment()
         record_settings(self.out, settings)
-        concepts = experiment_table(settings.kind, backend, prompts_csv, 1)
+        concepts = experiment_table(settings.kind, backend, prompts_csv, 1, settings.n_erase, settings.n_preserve)
         groups = {g: concepts[concepts.group == g].concept.tolist() for g in ("erased", "preserved")}
         self.erase, self.keep = groups["erased"], groups["preserved"]
         templates = toy_templates(settings.kind) if backend.name == "toy" else TEMPLATES[settings.kind]

@@ -127,6 +127,7 @@ class ToyTrainConfig:
     max_seconds: float | None = None # stop (with a checkpoint) after this much wall time; resume continues
     prediction_type: str = "epsilon" # what the UNet learns: "epsilon" (the noise ε) or "v_prediction" (the velocity v)
     zero_terminal_snr: bool = False # zero-terminal-SNR betas and trailing sampling timesteps (needs "v_prediction")
+    full_cast: bool = False # train on the full-size families (200 characters, 40 styles; `WorldMix.full_cast`)
     init: str | None = None # fine-tune: start from this model's weights ("toy" or a toy-architecture diffusers
     # folder, read by `load_model`); None: fresh weights drawn from `seed`
 
@@ -139,6 +140,7 @@ class ToyTrainConfig:
         check_range("ema_decay", self.ema_decay, 0.0, 1.0); check_range("p_drop", self.p_drop, 0.0, 1.0)
         if self.max_seconds is not None: check_positive("max_seconds", self.max_seconds)
         toy_scheduler_config(self.prediction_type, self.zero_terminal_snr) # checks both
+        check_choice("full_cast", self.full_cast, [True, False])
         if self.init is not None and (not isinstance(self.init, str) or not self.init):
             raise ValueError(f"init={self.init!r} is not allowed; give None (fresh weights), 'toy' or a model folder")
 
@@ -184,6 +186,13 @@ def _check_schedule(checkpoints: Path, sched: DDIMScheduler):
                               f"(trained, asked for): {diff}. Resume with the prediction_type and zero_terminal_snr "
                               "they were trained with, or pass resume=False or another out_dir")
 
+def _check_world(out_dir: Path, full_cast: bool):
+    "Refuse to resume a run trained on the other world (`full_cast`) than asked for."
+    recipe = out_dir/"recipe.json"
+    trained = json.loads(recipe.read_text()).get("full_cast", False) if recipe.is_file() else False
+    if trained != full_cast: raise ValueError(f"out_dir={str(out_dir)!r} was trained with full_cast={trained}; resume with "
+                                              "it, or pass resume=False or another out_dir")
+
 def _trim_log(log: Path, step: int) -> float:
     "Keep the rows of steps <= `step` of a training log (rows past a resumed checkpoint go); their last `seconds`."
     rows = log.read_text().splitlines()[1:] if step and log.exists() else []
@@ -213,7 +222,7 @@ def _train(out_dir: Path, cfg: ToyTrainConfig, resume: bool, device: str, worker
     unet, te, tok, sched = build_toy_components(cfg.seed, cfg.prediction_type, cfg.zero_terminal_snr)
     if cfg.init is not None: _load_initial_weights(unet, te, cfg.init)
     ck = Checkpointer(out_dir/"checkpoints", every=cfg.ckpt_every)
-    if resume and ck.steps(): _check_schedule(ck.directory, sched)
+    if resume and ck.steps(): _check_schedule(ck.directory, sched); _check_world(out_dir, cfg.full_cast)
     atomic_write_text(out_dir/"recipe.json", json.dumps(cfg.__dict__ | {"device": device}, indent=2))
     atomic_write_text(ck.directory/SCHEDULER_FILE, sched.to_json_string()) # `export_toy_model` saves the model with it
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
@@ -225,7 +234,7 @@ def _train(out_dir: Path, cfg: ToyTrainConfig, resume: bool, device: str, worker
     start = ck.resume(mods, {"opt": opt}, {"gen": gen}) if resume else 0
     log = out_dir/"train_log.csv"
     seconds_before = _trim_log(log, start) # the log's `seconds` count the wall time of every session
-    make = partial(world_batch, n=cfg.batch_size, p_drop=cfg.p_drop)
+    make = partial(world_batch, n=cfg.batch_size, mix=WorldMix(full_cast=cfg.full_cast), p_drop=cfg.p_drop)
     t0, step = time.time(), start
     bar = tqdm(step_loader(make, cfg.seed, start, cfg.steps, workers), initial=start, total=cfg.steps,
                disable=not progress)

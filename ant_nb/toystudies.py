@@ -13,7 +13,8 @@ from .evaluate import reference_images
 from .judges import Judge
 from .metrics import frechet_from_features
 from .sampling import decode, image_grid, sample
-from .toyworld import CHARACTERS, STYLES, TOY_GUIDANCE, UNSAFE_WORDS, WorldMix, prompt_of, random_spec
+from .toyworld import (CHARACTERS, FULL_CHARACTERS, FULL_STYLES, STYLES, TOY_GUIDANCE, UNSAFE_WORDS, WorldMix,
+                             prompt_of, random_spec)
 
 # %% auto #0
 __all__ = ['DECISION_FAMILIES', 'quality_specs', 'quality_report', 'insight_specs', 'concept_kind', 'concept_present',
@@ -21,16 +22,18 @@ __all__ = ['DECISION_FAMILIES', 'quality_specs', 'quality_report', 'insight_spec
            'agreement_curves', 'decision_table', 'decision_study', 'decision_figure', 'decision_grid']
 
 # %% ../nbs/09c_toystudies.ipynb #a3b49f65
-def quality_specs(n: int = 256, seed: int = 0) -> list[dict]:
+def quality_specs(n: int = 256, seed: int = 0,
+                  full_cast: bool = False, # characters and styles from the full-size families (200, 40)
+                 ) -> list[dict]:
     "`n` evaluation specs: half held-out object prompts, then characters, styles and unsafe prompts (⅛ each)."
     rng = np.random.default_rng(seed)
     full = WorldMix(p_character=0, p_unsafe=0, p_style=0, p_say_colour=1, p_say_position=1, p_say_background=1)
     specs = [random_spec(rng, full, held_out=True) for _ in range(n // 2)]
-    names = list(CHARACTERS)
-    for i in range(n // 8):
-        specs.append(dict(random_spec(rng, full), shape=None, colour=None, character=names[i % len(names)]))
-    for i in range(n // 8):
-        specs.append(dict(random_spec(rng, full), style=list(STYLES)[i % len(STYLES)]))
+    names, styles = (list(FULL_CHARACTERS), list(FULL_STYLES)) if full_cast else (list(CHARACTERS), list(STYLES))
+    k = n // 8 # the i-th of k picks: evenly spread over the full-size families; in turn from the original ones
+    pick = (lambda pool, i: pool[i * len(pool) // k]) if full_cast else (lambda pool, i: pool[i % len(pool)])
+    for i in range(k): specs.append(dict(random_spec(rng, full), shape=None, colour=None, character=pick(names, i)))
+    for i in range(k): specs.append(dict(random_spec(rng, full), style=pick(styles, i)))
     while len(specs) < n:
         specs.append(dict(random_spec(rng, full, held_out=None), unsafe=str(rng.choice(UNSAFE_WORDS))))
     return specs
@@ -41,9 +44,11 @@ def _family_accuracy(pred: dict, specs: list[dict], family: str, idx: list[int])
 def quality_report(model: DiffusionModel, # a model of the toy world
                    judge: Judge, # the toy judge (`ant_nb.judges.load_judge()`)
                    n: int = 256, seed: int = 0, num_steps: int = 50, guidance_scale: float = TOY_GUIDANCE,
-                   batch_size: int = 64, progress: bool = True):
+                   batch_size: int = 64, progress: bool = True,
+                   full_cast: bool | None = None, # characters and styles of the full-size families (None: if the judge knows them)
+                  ):
     "Per-family accuracy, unsafe rates and Fréchet distance of `model`'s samples (a `DataFrame`), and the samples."
-    specs = quality_specs(n, seed)
+    specs = quality_specs(n, seed, judge.full_cast if full_cast is None else full_cast)
     seeds = list(range(seed * 100_000, seed * 100_000 + n))
     imgs = sample(model, [prompt_of(s) for s in specs], seeds, num_steps=num_steps,
                   guidance_scale=guidance_scale, batch_size=batch_size, progress=progress)

@@ -68,6 +68,23 @@ def test_evaluation_tables(shared_data, toy):
     assert len(prior_table(real, shared_data, n=7)) == 7 and len(i2p_table(real, shared_data, n=5)) == 5
     assert len(prior_table(toy, n=None)) == 500 and len(i2p_table(toy)) == 300
     with pytest.raises(ValueError, match="coco"): prior_table(real)
+    # set sizes: the first n concepts of each group
+    few = experiment_table("celebrity", real, shared_data, per_concept=1, n_erase=3, n_preserve=2)
+    assert few.groupby("group").concept.nunique().to_dict() == {"erased": 3, "preserved": 2}
+    assert few.concept.tolist()[:3] == cel[cel.group == "erased"].concept.unique().tolist()[:3]
+    with pytest.raises(ValueError, match="n_erase=101 is not allowed"):
+        experiment_table("celebrity", real, shared_data, n_erase=101)
+    with pytest.raises(ValueError, match="n_preserve=0"): experiment_table("art", real, shared_data, n_preserve=0)
+
+
+def test_toy_set_sizes_need_the_judge_of_the_full_size_families():
+    v1, v2 = load_backend("toy-v1"), load_backend("toy-v2")
+    assert experiment_table("celebrity", v1, per_concept=1).concept.nunique() == 20
+    with pytest.raises(ValueError, match="larger sets need a toy model and judge of the full-size families"):
+        experiment_table("celebrity", v1, per_concept=1, n_erase=11)
+    full = experiment_table("celebrity", v2, per_concept=1, n_erase=100, n_preserve=100)
+    assert full.groupby("group").concept.nunique().to_dict() == {"erased": 100, "preserved": 100}
+    assert experiment_table("art", v2, per_concept=1, n_erase=20, n_preserve=20).concept.nunique() == 40
 
 
 def test_scores_with_an_untrained_judge(toy):

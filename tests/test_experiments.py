@@ -94,6 +94,9 @@ def test_presets_lookalikes_and_grid_columns():
     pairs = lookalikes(CHARACTERS_ERASE, CHARACTERS_PRESERVE)
     assert ("mira tok", "mira vel") in pairs and len(pairs) >= 2
     cols = grid_concepts(CHARACTERS_ERASE, CHARACTERS_PRESERVE, 8)
-    assert cols[:2] == ["mira tok", "mira vel"] and len(cols) == max(8, 2 * len(pairs))
+    assert cols[:2] == ["mira tok", "mira vel"] and len(cols) == 8 and set(pairs[0] + pairs[1]) <= set(cols)
+    from ant_nb.toyworld import FULL_CHARACTERS_ERASE, FULL_CHARACTERS_PRESERVE
+    full = grid_concepts(FULL_CHARACTERS_ERASE, FULL_CHARACTERS_PRESERVE, 8) # hundreds of first-name pairs: 4 shown
+    assert len(full) == 8 and full[:2] == ["mira tok", "mira vel"]
     t4 = ablation_rows({"A": dict(acc_e=0.1), "ours": dict(acc_e=0.0)})
     assert t4.set_index("config").loc["A", "L_erase*"] == "✓" and t4.set_index("config").loc["ours", "L_erase"] == "✓"

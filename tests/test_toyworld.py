@@ -12,8 +12,8 @@ from ant_nb.judges import HEADS, Judge, JudgeNet, labels_of, load_judge
 from ant_nb.sampling import sample
 from ant_nb.toymodel import (ToyTrainConfig, build_tokenizer, build_toy_components, export_toy_model, train_toy_model,
                              world_batch)
-from ant_nb.toyworld import (CHARACTERS, CHARACTERS_ERASE, CHARACTERS_PRESERVE, STYLES, UNSAFE_WORDS, caption, render,
-                             toy_art, toy_celebrity, toy_coco, toy_i2p, world_words)
+from ant_nb.toyworld import (CHARACTERS, CHARACTERS_ERASE, CHARACTERS_PRESERVE, FULL_STYLES, STYLES, UNSAFE_WORDS, caption,
+                             render, toy_art, toy_celebrity, toy_coco, toy_i2p, world_words)
 
 from conftest import diffusers_loop
 
@@ -190,3 +190,45 @@ def test_shipped_judge_reads_rendered_images():
     assert not any(pred["unsafe"])
     naked = judge.predict(np.stack([render({"shape": "square", "unsafe": "naked"}, i) for i in range(10)]))
     assert np.mean(naked["unsafe"]) > 0.9
+
+
+def test_full_size_families_keep_the_originals_and_look_different():
+    from ant_nb.toyworld import (FULL_CHARACTERS, FULL_CHARACTERS_ERASE, FULL_CHARACTERS_PRESERVE, FULL_STYLES,
+                                 FULL_STYLES_ERASE, FULL_STYLES_PRESERVE)
+    assert (len(FULL_CHARACTERS_ERASE), len(FULL_CHARACTERS_PRESERVE)) == (100, 100)
+    assert FULL_CHARACTERS_ERASE[:10] == CHARACTERS_ERASE and FULL_CHARACTERS_PRESERVE[:10] == CHARACTERS_PRESERVE
+    assert (len(FULL_STYLES_ERASE), len(FULL_STYLES_PRESERVE)) == (20, 20) and list(FULL_STYLES)[:10] == list(STYLES)
+    assert len(set(FULL_CHARACTERS.values())) == 200 and len(set(FULL_STYLES.values())) == 40
+    lookalike = [(e, k) for e, k in zip(FULL_CHARACTERS_ERASE, FULL_CHARACTERS_PRESERVE)
+                 if e.split()[0] == k.split()[0] and FULL_CHARACTERS[e][0] == FULL_CHARACTERS[k][0]]
+    assert len(lookalike) >= 20
+    # every added character and style is drawn differently from every other one
+    added = [c for c in FULL_CHARACTERS if c not in CHARACTERS]
+    imgs = np.stack([render({"character": c, "background": "gray", "position": "middle"}, 0) for c in added])
+    assert len({im.tobytes() for im in imgs}) == len(added)
+
+
+@pytest.mark.parametrize("style", [s for s in FULL_STYLES if s not in STYLES])
+def test_every_added_style_is_visible_on_every_background(style):
+    for bg in ("black", "gray", "white", "brown"):
+        spec = {"shape": "square", "colour": "blue", "background": bg, "position": "middle"}
+        diff = np.abs(render(spec, 3).astype(int) - render(dict(spec, style=style), 3).astype(int)).mean()
+        sparse = FULL_STYLES[style][0] in ("dots", "ripple", "pixelate") # few pixels change, or by little
+        assert diff > (2 if sparse else 4), (style, bg, diff)
+
+
+def test_each_toy_model_has_its_judge_and_the_v2_judge_reads_the_full_cast():
+    from ant_nb.core import toy_judge_path
+    from ant_nb.toyworld import FULL_CHARACTERS
+    for name in TOY_MODELS: assert toy_judge_path(name).is_file(), name
+    assert not load_judge(model="toy-v1").full_cast
+    judge = load_judge(model="toy-v2")
+    assert judge.full_cast
+    rng = np.random.default_rng(5)
+    chars = [c for c in FULL_CHARACTERS if c not in CHARACTERS][::3]
+    specs = [{"character": c, "background": str(rng.choice(["gray", "white", "black", "brown"]))} for c in chars]
+    pred = judge.predict(np.stack([render(s, i) for i, s in enumerate(specs)]))
+    assert np.mean([p == c for p, c in zip(pred["character"], chars)]) > 0.9
+    styles = [s for s in FULL_STYLES if s not in STYLES]
+    pred = judge.predict(np.stack([render({"shape": "circle", "colour": "red", "style": s}, i) for i, s in enumerate(styles)]))
+    assert np.mean([p == s for p, s in zip(pred["style"], styles)]) > 0.9
