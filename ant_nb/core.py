@@ -79,11 +79,15 @@ def is_toy_model(source) -> bool:
     "Whether `source` (a `load_model` source or a `DiffusionModel.source`) names a shipped toy model."
     return isinstance(source, str) and (source == "toy" or source in TOY_MODELS)
 
-def _toy_folder(name: str) -> str:
-    "The project-relative folder of the toy model `name` (\"toy\" means `TOY_DEFAULT`), or `ValueError`."
+def _toy_name(name: str) -> str:
+    "The `TOY_MODELS` key that `name` means (\"toy\" means `TOY_DEFAULT`), or `ValueError`."
     if not is_toy_model(name):
         raise ValueError(f"name={name!r} is not allowed; choose one of {['toy', *TOY_MODELS]}")
-    return TOY_MODELS[TOY_DEFAULT if name == "toy" else name]
+    return TOY_DEFAULT if name == "toy" else name
+
+def _toy_folder(name: str) -> str:
+    "The project-relative folder of the toy model `name`."
+    return TOY_MODELS[_toy_name(name)]
 
 def toy_model_dir(name: str = "toy", # "toy" (the default, `TOY_DEFAULT`) or a key of `TOY_MODELS`
                  ) -> Path:
@@ -93,8 +97,7 @@ def toy_model_dir(name: str = "toy", # "toy" (the default, `TOY_DEFAULT`) or a k
 def toy_judge_path(name: str = "toy", # "toy" (the default, `TOY_DEFAULT`) or a key of `TOY_MODELS`
                   ) -> Path:
     "The weights file of the judge that scores the toy model `name`'s images (`TOY_JUDGES`)."
-    _toy_folder(name) # checks the name
-    return project_path(TOY_JUDGES[TOY_DEFAULT if name == "toy" else name])
+    return project_path(TOY_JUDGES[_toy_name(name)])
 
 def _check_folder(folder: Path) -> Path:
     "Return `folder` if it has the diffusers parts a `DiffusionModel` needs, else raise `FileNotFoundError`."

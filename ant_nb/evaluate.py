@@ -21,7 +21,7 @@ from .metrics import (CLIP_MODEL, COUNT_RULES, NUDENET_CLASSES, NUDENET_THRESHOL
                             load_photos, nudenet_detect, nudity_counts)
 from .runs import check_choice, check_images, check_int, check_positive
 from .sampling import generate_images
-from .toyworld import FULL_CHARACTERS, TOY_GUIDANCE, render, toy_art, toy_celebrity, toy_coco, toy_i2p
+from .toyworld import CHARACTERS_ERASE, FULL_CHARACTERS, STYLES_ERASE, TOY_GUIDANCE, render, toy_art, toy_celebrity, toy_coco, toy_i2p
 
 # %% auto #0
 __all__ = ['BACKENDS', 'KINDS', 'reference_images', 'ToyBackend', 'RealBackend', 'load_backend', 'attack_groups',
@@ -212,7 +212,7 @@ def attack_groups(backend, # `load_backend(...)`
 # %% ../nbs/09a_evaluate.ipynb #d09f160b
 KINDS = ("celebrity", "art")
 
-_ORIGINAL_SET_SIZE = {"celebrity": 10, "art": 5} # concepts per group of the toy sets of the original world
+_ORIGINAL_SET_SIZE = {"celebrity": len(CHARACTERS_ERASE), "art": len(STYLES_ERASE)} # per group, the original world's sets
 
 def _concept_table(df: pd.DataFrame, kind: str) -> pd.DataFrame:
     "A celebrity or artist table (file or toy) as `group`, `concept`, `prompt`, `evaluation_seed`."
