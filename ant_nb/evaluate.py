@@ -21,7 +21,8 @@ from .metrics import (CLIP_MODEL, COUNT_RULES, NUDENET_CLASSES, NUDENET_THRESHOL
                             load_photos, nudenet_detect, nudity_counts)
 from .runs import check_choice, check_images, check_int, check_positive
 from .sampling import generate_images
-from .toyworld import CHARACTERS_ERASE, FULL_CHARACTERS, STYLES_ERASE, TOY_GUIDANCE, render, toy_art, toy_celebrity, toy_coco, toy_i2p
+from .toyworld import (CHARACTERS_ERASE, FULL_CHARACTERS, STYLES_ERASE, TOY_GUIDANCE, render, toy_art,
+                             toy_celebrity, toy_coco, toy_i2p)
 
 # %% auto #0
 __all__ = ['BACKENDS', 'KINDS', 'reference_images', 'ToyBackend', 'RealBackend', 'load_backend', 'attack_groups',
