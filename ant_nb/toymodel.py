@@ -27,7 +27,7 @@ from .train import Checkpointer
 from .toyworld import SIZE, WorldMix, images_to_tensor, prompt_of, random_spec, render, step_loader, world_words
 
 # %% auto #0
-__all__ = ['MAX_TOKENS', 'UNET_CONFIG', 'TEXT_CONFIG', 'SCHEDULER_CONFIG', 'SCHEDULER_FILE', 'build_tokenizer',
+__all__ = ['MAX_TOKENS', 'UNET_CONFIG', 'TEXT_CONFIG', 'SCHEDULER_CONFIG', 'TRAINABLE', 'SCHEDULER_FILE', 'build_tokenizer',
            'toy_scheduler_config', 'build_toy_components', 'world_batch', 'ToyTrainConfig', 'training_hours',
            'train_toy_model', 'export_toy_model']
 
@@ -112,6 +112,10 @@ def world_batch(rng: np.random.Generator, n: int, mix: WorldMix = WorldMix(), p_
     return images_to_tensor(imgs), prompts
 
 # %% ../nbs/08b_toymodel.ipynb #e81799ab
+TRAINABLE = {"all": "every weight of the UNet and the text encoder",
+             "text": "the text encoder and the UNet's cross-attention key and value projections (attn2.to_k, attn2.to_v): "
+                     "what maps words to what is drawn, while the UNet's drawing stays as it is"}
+
 @dataclass
 class ToyTrainConfig:
     "The toy model's training recipe."
@@ -128,6 +132,8 @@ class ToyTrainConfig:
     prediction_type: str = "epsilon" # what the UNet learns: "epsilon" (the noise ε) or "v_prediction" (the velocity v)
     zero_terminal_snr: bool = False # zero-terminal-SNR betas and trailing sampling timesteps (needs "v_prediction")
     full_cast: bool = False # train on the full-size families (200 characters, 40 styles; `WorldMix.full_cast`)
+    p_character: float = WorldMix.p_character # the fraction of training images that show a character
+    trainable: str = "all" # which weights learn: a key of `TRAINABLE`
     init: str | None = None # fine-tune: start from this model's weights ("toy" or a toy-architecture diffusers
     # folder, read by `load_model`); None: fresh weights drawn from `seed`
 
@@ -141,6 +147,7 @@ class ToyTrainConfig:
         if self.max_seconds is not None: check_positive("max_seconds", self.max_seconds)
         toy_scheduler_config(self.prediction_type, self.zero_terminal_snr) # checks both
         check_choice("full_cast", self.full_cast, [True, False])
+        check_range("p_character", self.p_character, 0.0, 1.0); check_choice("trainable", self.trainable, list(TRAINABLE))
         if self.init is not None and (not isinstance(self.init, str) or not self.init):
             raise ValueError(f"init={self.init!r} is not allowed; give None (fresh weights), 'toy' or a model folder")
 
@@ -186,12 +193,22 @@ def _check_schedule(checkpoints: Path, sched: DDIMScheduler):
                               f"(trained, asked for): {diff}. Resume with the prediction_type and zero_terminal_snr "
                               "they were trained with, or pass resume=False or another out_dir")
 
-def _check_world(out_dir: Path, full_cast: bool):
-    "Refuse to resume a run trained on the other world (`full_cast`) than asked for."
+_RESUME_KEYS = ("full_cast", "p_character", "trainable") # recipe fields a resumed run must keep (the world, the weights that learn)
+
+def _check_recipe(out_dir: Path, cfg: ToyTrainConfig):
+    "Refuse to resume a run trained on another world or with other trainable weights (`_RESUME_KEYS`) than `cfg`'s."
     recipe = out_dir/"recipe.json"
-    trained = json.loads(recipe.read_text()).get("full_cast", False) if recipe.is_file() else False
-    if trained != full_cast: raise ValueError(f"out_dir={str(out_dir)!r} was trained with full_cast={trained}; resume with "
-                                              "it, or pass resume=False or another out_dir")
+    trained = json.loads(recipe.read_text()) if recipe.is_file() else {}
+    for key in _RESUME_KEYS:
+        was = trained.get(key, getattr(ToyTrainConfig, key)) # recipes from before a key existed: its default
+        if was != getattr(cfg, key): raise ValueError(f"out_dir={str(out_dir)!r} was trained with {key}={was!r}; resume "
+                                                      "with it, or pass resume=False or another out_dir")
+
+def _trainable_parameters(unet: UNet2DConditionModel, te: CLIPTextModel, trainable: str) -> list[torch.nn.Parameter]:
+    "The weights that learn (`TRAINABLE[trainable]`); every other weight of `unet` and `te` gets requires_grad=False."
+    learn = lambda name: trainable == "all" or ".attn2.to_k." in name or ".attn2.to_v." in name
+    for name, p in unet.named_parameters(): p.requires_grad_(learn(name))
+    return [p for p in unet.parameters() if p.requires_grad] + list(te.parameters())
 
 def _trim_log(log: Path, step: int) -> float:
     "Keep the rows of steps <= `step` of a training log (rows past a resumed checkpoint go); their last `seconds`."
@@ -211,7 +228,7 @@ def train_toy_model(out_dir: str | Path, # run folder: checkpoints/, train_log.c
                     device: str = "cpu", # "cuda" trains in bfloat16 autocast
                     workers: int = 0, # DataLoader processes rendering batches
                     progress: bool = True) -> Path:
-    "Train the toy model (UNet + text encoder) with `cfg`; returns the checkpoint folder. Resumable."
+    "Train the toy model (UNet + text encoder, or the parts `cfg.trainable` names) with `cfg`; returns the checkpoint folder. Resumable."
     check_device(device)
     if not isinstance(cfg, ToyTrainConfig): raise TypeError(f"cfg must be a ToyTrainConfig, got {type(cfg).__name__}")
     with folder_lock(out_dir): # a second run into the same folder fails at once, naming the process that holds it
@@ -222,11 +239,11 @@ def _train(out_dir: Path, cfg: ToyTrainConfig, resume: bool, device: str, worker
     unet, te, tok, sched = build_toy_components(cfg.seed, cfg.prediction_type, cfg.zero_terminal_snr)
     if cfg.init is not None: _load_initial_weights(unet, te, cfg.init)
     ck = Checkpointer(out_dir/"checkpoints", every=cfg.ckpt_every)
-    if resume and ck.steps(): _check_schedule(ck.directory, sched); _check_world(out_dir, cfg.full_cast)
+    if resume and ck.steps(): _check_schedule(ck.directory, sched); _check_recipe(out_dir, cfg)
     atomic_write_text(out_dir/"recipe.json", json.dumps(cfg.__dict__ | {"device": device}, indent=2))
     atomic_write_text(ck.directory/SCHEDULER_FILE, sched.to_json_string()) # `export_toy_model` saves the model with it
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
-    params = list(unet.parameters()) + list(te.parameters())
+    params = _trainable_parameters(unet, te, cfg.trainable)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     mods = dict(unet=unet, text_encoder=te, ema_unet=ema_unet, ema_text_encoder=ema_te)
@@ -234,7 +251,8 @@ def _train(out_dir: Path, cfg: ToyTrainConfig, resume: bool, device: str, worker
     start = ck.resume(mods, {"opt": opt}, {"gen": gen}) if resume else 0
     log = out_dir/"train_log.csv"
     seconds_before = _trim_log(log, start) # the log's `seconds` count the wall time of every session
-    make = partial(world_batch, n=cfg.batch_size, mix=WorldMix(full_cast=cfg.full_cast), p_drop=cfg.p_drop)
+    make = partial(world_batch, n=cfg.batch_size, mix=WorldMix(full_cast=cfg.full_cast, p_character=cfg.p_character),
+                   p_drop=cfg.p_drop)
     t0, step = time.time(), start
     bar = tqdm(step_loader(make, cfg.seed, start, cfg.steps, workers), initial=start, total=cfg.steps,
                disable=not progress)

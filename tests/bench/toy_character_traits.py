@@ -8,7 +8,8 @@ judge) and scores, besides the exact character, each trait of the character the 
 has learned the traits of the names but not their combinations scores high on the traits and low on the character.
 
 Usage: python tests/bench/toy_character_traits.py [--models toy-v1 toy-v2] [--threads 2]
-Writes outputs/bench/toy_character_traits.csv / .md (one row per model and group of characters).
+       python tests/bench/toy_character_traits.py --models FOLDER --judge data/toyworld/judge-v2.safetensors --table NAME
+Writes outputs/bench/toy_character_traits.csv / .md, or NAME.csv / .md (one row per model and group of characters).
 """
 import argparse
 
@@ -25,9 +26,10 @@ from ant_nb.toyworld import CHARACTERS, FULL_CHARACTERS, TOY_GUIDANCE
 TRAITS = ("body colour", "hat colour", "outline", "belt")  # the fields of a FULL_CHARACTERS value, in order
 
 
-def trait_rows(model_name: str, seed: int = 0) -> list[dict]:
-    "Exact-character and per-trait agreement of one sample per character, for the original 20 and the added 180."
-    judge = load_backend(model_name).judge
+def trait_rows(model_name: str, seed: int = 0, judge_path: str | None = None) -> list[dict]:
+    """Exact-character and per-trait agreement of one sample per character, for the original 20 and the added 180;
+    `model_name` is a toy model's name or a model folder, `judge_path` its judge (None: the shipped toy model's)."""
+    judge = load_backend(model_name, judge_path=judge_path, name="toy").judge
     names = list(FULL_CHARACTERS) if judge.full_cast else list(CHARACTERS)
     images = sample(load_model(model_name), [f"a portrait of {n}" for n in names], list(range(seed, seed + len(names))),
                     guidance_scale=TOY_GUIDANCE, batch_size=50)
@@ -49,11 +51,13 @@ def trait_rows(model_name: str, seed: int = 0) -> list[dict]:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["toy-v1", "toy-v2"])
+    p.add_argument("--judge", default=None, help="the judge's weights (default: the named toy model's judge)")
+    p.add_argument("--table", default="toy_character_traits", help="name of the table written to outputs/bench")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    table = pd.DataFrame([r for m in a.models for r in trait_rows(m)]).round(3)
-    save_table(table, project_path("outputs/bench"), "toy_character_traits")
+    table = pd.DataFrame([r for m in a.models for r in trait_rows(m, judge_path=a.judge)]).round(3)
+    save_table(table, project_path("outputs/bench"), a.table)
     print(table.to_string(index=False))
 
 
