@@ -33,6 +33,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from ant_nb.core import load_model, toy_judge_path
@@ -45,18 +46,14 @@ V1_RECIPE = dict(batch_size=512, lr=8e-4, warmup=500)  # outputs/toyworld/train/
 QUALITY_SEED = 7  # the seed of every v2 quality report (README); no notebook default uses it
 
 
-def peak_gib(device: str) -> float | None:
-    "Peak GPU memory allocated since the last reset, GiB (None on a CPU)."
-    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-
-
 def timed(on: str, fn, *args, **kwargs):
-    "(fn's result, {'seconds': wall time, 'peak_gib': peak GPU memory}) of one call of `fn` on device `on`."
-    if on.startswith("cuda"): torch.cuda.reset_peak_memory_stats()
+    "(fn's result, {'seconds': wall time, 'peak_gib': peak GPU memory or None on a CPU}) of one call of `fn` on `on`."
+    gpu = on.startswith("cuda")
+    if gpu: torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     result = fn(*args, **kwargs)
-    if on.startswith("cuda"): torch.cuda.synchronize()
-    return result, dict(seconds=round(time.time() - t0, 1), peak_gib=peak_gib(on))
+    if gpu: torch.cuda.synchronize()
+    return result, dict(seconds=round(time.time() - t0, 1), peak_gib=torch.cuda.max_memory_allocated() / 2**30 if gpu else None)
 
 
 def pack(out: Path, name: str, file: Path):
@@ -89,7 +86,7 @@ def main():
                                                       full_cast=full, progress=False)
         save_table(table, out, f"quality_{name}")
         print(f"{name} families:\n{table.to_string(index=False)}")
-    steps = int((out/"train"/"train_log.csv").read_text().split()[-1].split(",")[0])
+    steps = int(pd.read_csv(out/"train"/"train_log.csv").step.iloc[-1])
     gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else None
     atomic_write_text(out/"gpu_toy_v2.json", json.dumps(dict(device=a.device, gpu=gpu, trained_steps=steps,
                                                              costs=costs), indent=2))
