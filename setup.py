@@ -25,7 +25,8 @@ setuptools.setup(
     install_requires=cfg["requirements"].split(),
     extras_require={"dev": cfg["dev_requirements"].split()},
     # pyproject.toml (rewritten by nbdev_export) declares these fields dynamic, so setup.py must set each one
-    entry_points={"nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"], "console_scripts": []},
+    entry_points={"nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
+                  "console_scripts": cfg.get("console_scripts", "").split()}, # ant-nb-multi, ant-nb-study, ant-nb-multistudy
     scripts=[],
     include_package_data=True,
     zip_safe=False,

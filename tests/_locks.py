@@ -5,7 +5,7 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-from ant_nb.runs import LOCK_FILE
+from ant_nb.base.files import LOCK_FILE
 
 
 @contextmanager

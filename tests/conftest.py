@@ -8,8 +8,8 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ant_nb.core import load_model, save_model
-from ant_nb.testing import build_tiny_sd
+from ant_nb.base.model import load_model, save_model
+from ant_nb.base.testing import build_tiny_sd
 
 torch.set_num_threads(1)  # tests run in parallel workers on few cores
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ant_nb.attacks import (ATTACKS, attack_success, concept_direction, count_calls, denoising_loss, image_latents,
-                            noisy_draws, run_attack, success_rate, toy_attack_tasks, wilson_interval)
-from ant_nb.evaluate import load_backend
-from ant_nb.core import encode_prompts, load_model
-from ant_nb.sampling import sample
-from ant_nb.toyworld import TOY_GUIDANCE
+from ant_nb.evaluate.attacks import (ATTACKS, concept_direction, count_calls, denoising_loss, image_latents,
+                                     noisy_draws, run_attack)
+from ant_nb.evaluate.robustness import attack_success, success_rate, toy_attack_tasks, wilson_interval
+from ant_nb.evaluate.backends import load_backend
+from ant_nb.base.model import encode_prompts, load_model
+from ant_nb.base.sampling import sample
+from ant_nb.toy.prompts import TOY_GUIDANCE
 
 STEPS = 10 # DDIM steps of every image in these tests (the toy model draws the concept reliably at 10)
 SEEDS = [0, 1, 2, 3] # sampling seeds per adversarial prompt

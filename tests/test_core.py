@@ -1,4 +1,4 @@
-"""ant_nb.core: loading, saving, prompts, noise and the timestep convention."""
+"""ant_nb.base.model and ant_nb.base.timesteps: loading, saving, prompts, noise and the timestep convention."""
 import dataclasses
 import json
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-import ant_nb.core as core
-from ant_nb.core import (DiffusionModel, encode_prompts, initial_noise, load_model, paper_step_to_timestep,
-                         paper_timesteps, save_model, seed_everything, with_unet)
-from ant_nb.sampling import sample
+from ant_nb.base.model import (DiffusionModel, encode_prompts, initial_noise, load_model, save_model,
+                               seed_everything, with_unet)
+from ant_nb.base.timesteps import paper_step_to_timestep, paper_timesteps
+from ant_nb.base.sampling import sample
 
 
 def test_load_and_sample_end_to_end(tiny_sd_dir):
@@ -65,7 +65,8 @@ def test_with_unet_shares_other_parts(tiny_sd):
 
 
 def test_load_model_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(core, "TOY_MODELS", {"toy-v1": str(tmp_path/"toyworld"/"model"), "toy-v2": str(tmp_path/"v2")})
+    from ant_nb.base import registry
+    monkeypatch.setitem(registry.TOY_MODELS, "toy-v1", str(tmp_path/"toyworld"/"model")) # the one table of toy models
     with pytest.raises(FileNotFoundError, match="toy model .toy. is not at"): load_model("toy")
     with pytest.raises(FileNotFoundError, match="neither a toy model"): load_model("./missing/folder")
     with pytest.raises(FileNotFoundError, match="lacks the subfolders"): load_model(str(tmp_path))

@@ -1,9 +1,9 @@
-"""ant_nb.data: the published prompt files and the errors for bad ones."""
+"""ant_nb.evaluate.data: the published prompt files and the errors for bad ones."""
 import huggingface_hub
 import pandas as pd
 import pytest
 
-from ant_nb.data import FILE_NAMES, I2P_HUB, load_artist, load_celebrity, load_coco, load_i2p
+from ant_nb.evaluate.data import FILE_NAMES, I2P_HUB, load_artist, load_celebrity, load_coco, load_i2p
 
 
 def test_real_files_row_counts_and_columns(shared_data):

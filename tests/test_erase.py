@@ -1,4 +1,4 @@
-"""Tests of ant_nb.erase: all methods run, the input is untouched, exact resume after SIGKILL, NaN stop, bad inputs."""
+"""Tests of ant_nb.method.erase: all methods run, the input is untouched, exact resume after SIGKILL, NaN stop, bad inputs."""
 import json
 import signal
 import subprocess
@@ -10,13 +10,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-import ant_nb.erase as erase_mod
-from ant_nb.core import load_model
-from ant_nb.erase import erase_concept, erase_defaults, erase_or_load
-from ant_nb.losses import AntLossConfig
-from ant_nb.runs import LOCK_FILE
-from ant_nb.train import Checkpointer
-from ant_nb.saliency import save_mask
+import ant_nb.method.erase as erase_mod
+from ant_nb.base.model import load_model
+from ant_nb.method.erase import erase_concept, erase_defaults, erase_or_load
+from ant_nb.method.losses import AntLossConfig
+from ant_nb.base.files import LOCK_FILE
+from ant_nb.base.checkpoints import Checkpointer
+from ant_nb.method.saliency import save_mask
 from _locks import held_by_another_process
 
 CFG = AntLossConfig(num_steps=10, t_prime=8)  # short schedule: cheap trajectories
@@ -66,9 +66,9 @@ def test_mask_restricts_updates_and_saved_model_loads(tiny_sd, tmp_path):
 _CHILD = textwrap.dedent("""
     import os, signal, sys, torch
     torch.set_num_threads(1)
-    from ant_nb.core import load_model
-    from ant_nb.erase import erase_concept
-    from ant_nb.losses import AntLossConfig
+    from ant_nb.base.model import load_model
+    from ant_nb.method.erase import erase_concept
+    from ant_nb.method.losses import AntLossConfig
     def die(step, values):
         if step == 3: os.kill(os.getpid(), signal.SIGKILL)  # after step 3, before its checkpoint would be due
     erase_concept(load_model(sys.argv[1]), ["nudity", "naked"], iterations=6, lr=1e-3,
@@ -166,7 +166,7 @@ def test_erase_or_load_trains_once_and_refuses_other_parameters(tiny_sd, tmp_pat
 
 
 def test_shared_trajectories_are_checked(tiny_sd):
-    from ant_nb.losses import TrajectoryLatents
+    from ant_nb.method.trajectories import TrajectoryLatents
     lat = TrajectoryLatents(tiny_sd, CONCEPT, cache_size=1, num_steps=10, progress=False)
     a = erase_concept(tiny_sd, CONCEPT, iterations=1, lr=1e-3, config=CFG, trajectories=lat, progress=False)
     assert a.unet is not tiny_sd.unet
@@ -178,7 +178,7 @@ def test_shared_trajectories_are_checked(tiny_sd):
 @pytest.mark.parametrize("method", ["ant", "esd-u", "ac"])
 def test_half_precision_model_trains_a_float32_copy(tiny_sd_dir, dtype, method):
     "A model loaded in half precision (as on a GPU: UNet and text encoder) trains, and its erased copy samples."
-    from ant_nb.sampling import sample
+    from ant_nb.base.sampling import sample
     half = load_model(str(tiny_sd_dir), dtype=dtype)
     out = erase_concept(half, CONCEPT, method, iterations=2, lr=1e-3, config=CFG, cache_size=1, progress=False)
     assert out.unet.dtype == torch.float32 and half.unet.dtype == getattr(torch, dtype)

@@ -1,4 +1,4 @@
-"""ant_nb.evaluate: the backends (toy judge; NudeNet + CLIP + FID), the prompt tables, the scores and the evaluation
+"""ant_nb.evaluate.backends and .scores: the backends (toy judge; NudeNet + CLIP + FID), the prompt tables, the scores and the evaluation
 of a model (Tables 1-3)."""
 import copy
 import json
@@ -8,14 +8,15 @@ import pandas as pd
 import pytest
 import torch
 
-from ant_nb.core import with_unet
-from ant_nb.data import celebrity_names, load_celebrity
-from ant_nb.evaluate import (RealBackend, ToyBackend, alignment_score, concept_scores, eval_images, evaluate,
-                             experiment_table, frechet_distance, i2p_table, load_backend, nsfw_metrics, prior_scores,
-                             prior_table, unsafe_report)
-from ant_nb.judges import Judge, JudgeNet
-from ant_nb.metrics import NUDENET_CLASSES
-from ant_nb.testing import tiny_clip
+from ant_nb.base.model import with_unet
+from ant_nb.evaluate.data import celebrity_names, load_celebrity
+from ant_nb.evaluate.backends import RealBackend, ToyBackend, load_backend
+from ant_nb.evaluate.scores import (alignment_score, concept_scores, eval_images, evaluate, experiment_table,
+                                    frechet_distance, i2p_table, nsfw_scores, prior_scores, prior_table,
+                                    unsafe_report)
+from ant_nb.toy.judges import Judge, JudgeNet
+from ant_nb.evaluate.metrics import NUDENET_CLASSES
+from ant_nb.base.testing import tiny_clip
 
 
 @pytest.fixture
@@ -118,14 +119,15 @@ def test_evaluate_real_path_and_folder_protection(tiny_sd, tmp_path):
     assert not np.array_equal(imgs, imgs2)
 
 
-def test_eval_images_and_nsfw_metrics(tiny_sd, tmp_path, toy):
+def test_eval_images_and_nsfw_scores(tiny_sd, tmp_path, toy):
     i2p = pd.DataFrame(dict(prompt=["a naked person", "a cat", "a dog"], evaluation_seed=[1, 2, 3],
                             evaluation_guidance=[7.0, 5.0, 7.0]))
     coco = pd.DataFrame(dict(prompt=["a red bus", "a cat"], evaluation_seed=[4, 5]))
-    row = nsfw_metrics(tiny_sd, i2p, coco, tmp_path, RealBackend(tiny_clip()), num_steps=2, progress=False)
+    row, per_prompt = nsfw_scores(tiny_sd, i2p, coco, tmp_path, RealBackend(tiny_clip()), num_steps=2, progress=False)
     assert row["total"] == 0 and np.isnan(row["fd"]) and set(NUDENET_CLASSES) <= set(row)
+    assert per_prompt.prompt.tolist() == i2p.prompt.tolist() and set(NUDENET_CLASSES) <= set(per_prompt.columns)
     ims = eval_images(tiny_sd, i2p, tmp_path/"i2p", num_steps=2, progress=False)
     again = eval_images(tiny_sd, i2p, tmp_path/"i2p", num_steps=2, progress=False)  # all stored: read back
     assert ims.shape == (3, 16, 16, 3) and np.array_equal(ims, again)
     with pytest.raises(ValueError, match="columns"): eval_images(tiny_sd, coco.drop(columns="evaluation_seed"), tmp_path)
-    with pytest.raises(ValueError, match="spec"): nsfw_metrics(tiny_sd, i2p, coco, tmp_path, toy, num_steps=2, progress=False)
+    with pytest.raises(ValueError, match="spec"): nsfw_scores(tiny_sd, i2p, coco, tmp_path, toy, num_steps=2, progress=False)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ant_nb.core import toy_model_dir
+from ant_nb.base.registry import toy_model_dir
 
 NBS = Path(__file__).resolve().parents[1]/"nbs"
 
@@ -68,7 +68,7 @@ def test_train_notebook_candidate_route(tmp_path, monkeypatch):
     "11_train_toyworld trains a v-prediction candidate by fine-tuning the shipped model into its own folders."
     if not _has_toy_world(): pytest.skip("the shipped toy model or judge is missing")
     import papermill as pm
-    from ant_nb.core import load_model
+    from ant_nb.base.model import load_model
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     shipped = sorted(p.stat().st_mtime_ns for p in toy_model_dir().rglob("*") if p.is_file())
     params = dict(train=True, steps=2, batch_size=4, warmup=1, prediction_type="v_prediction", zero_terminal_snr=True,
@@ -84,8 +84,9 @@ def test_train_notebook_candidate_route(tmp_path, monkeypatch):
 
 
 def test_presets_lookalikes_and_grid_columns():
-    from ant_nb.experiments import ablation_rows, experiment_settings, grid_concepts, lookalikes
-    from ant_nb.toyworld import CHARACTERS_ERASE, CHARACTERS_PRESERVE
+    from ant_nb.experiments.concepts import ablation_rows, grid_concepts
+    from ant_nb.studies.presets import experiment_settings, lookalikes
+    from ant_nb.toy.world import CHARACTERS_ERASE, CHARACTERS_PRESERVE
     s = experiment_settings("celebrity", "paper", steps=10, lr=None)
     assert (s["steps"], s["templates"], s["loss_config"].t_prime, s["n_prior"]) == (10, "celebrity", 40, 1000)
     toy = experiment_settings("art")
@@ -95,7 +96,7 @@ def test_presets_lookalikes_and_grid_columns():
     assert ("mira tok", "mira vel") in pairs and len(pairs) >= 2
     cols = grid_concepts(CHARACTERS_ERASE, CHARACTERS_PRESERVE, 8)
     assert cols[:2] == ["mira tok", "mira vel"] and len(cols) == 8 and set(pairs[0] + pairs[1]) <= set(cols)
-    from ant_nb.toyworld import FULL_CHARACTERS_ERASE, FULL_CHARACTERS_PRESERVE
+    from ant_nb.toy.world import FULL_CHARACTERS_ERASE, FULL_CHARACTERS_PRESERVE
     full = grid_concepts(FULL_CHARACTERS_ERASE, FULL_CHARACTERS_PRESERVE, 8) # hundreds of first-name pairs: 4 shown
     assert len(full) == 8 and full[:2] == ["mira tok", "mira vel"]
     t4 = ablation_rows({"A": dict(acc_e=0.1), "ours": dict(acc_e=0.0)})

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ant_nb.fusion import (FusionAccumulator, GramCache, anchor_pairs, closed_form_fuse, concept_token_span,
-                           fuse_into_unet, gram_from_prompts, kv_projections, token_embeddings)
+from ant_nb.method.fusion import (FusionAccumulator, GramCache, anchor_pairs, closed_form_fuse, concept_token_span,
+                                  fuse_into_unet, gram_from_prompts, kv_projections, token_embeddings)
 
 
 def _lstsq(W, deltas, embs, pres, beta, lamb):
@@ -126,6 +126,6 @@ def test_token_selection(tiny_sd):
 
 
 def test_kv_projections_refuses_wrapped_unet(tiny_sd):
-    from ant_nb.lora import LoraSettings, add_lora
+    from ant_nb.method.lora import LoraSettings, add_lora
     add_lora(tiny_sd.unet, LoraSettings(rank=2))
     with pytest.raises(ValueError, match="adapters"): kv_projections(tiny_sd.unet)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ant_nb.core import encode_prompts
-from ant_nb.losses import AntLossConfig
-from ant_nb.lora import (LORA_FILE, LoraSettings, add_lora, concept_prompts, is_trained, lora_deltas, make_loss,
-                         save_lora, train_concept_lora)
-from ant_nb.train import finetune
+from ant_nb.base.model import encode_prompts
+from ant_nb.method.losses import AntLossConfig
+from ant_nb.method.lora import (LORA_FILE, LoraSettings, add_lora, concept_prompts, is_trained, lora_deltas,
+                                make_loss, save_lora, train_concept_lora)
+from ant_nb.method.train import finetune
 from _locks import held_by_another_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +78,8 @@ _CHILD = textwrap.dedent("""
     import os, signal, sys, torch
     torch.set_num_threads(1)
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-    from ant_nb.core import load_model
-    from ant_nb.lora import LoraSettings, train_concept_lora
+    from ant_nb.base.model import load_model
+    from ant_nb.method.lora import LoraSettings, train_concept_lora
     from test_lora import _loss_for
     model = load_model({model!r})
     inner, calls = _loss_for(model), [0]

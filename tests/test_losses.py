@@ -1,15 +1,16 @@
-"""Tests of ant_nb.losses on the tiny SD-format UNet: each term of Eq. 3, its targets, stage ordering, baselines."""
+"""Tests of ant_nb.method.losses on the tiny SD-format UNet: each term of Eq. 3, its targets, stage ordering, baselines."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ant_nb.core import encode_prompts, paper_timesteps
-from ant_nb.losses import (ABLATIONS, METHODS, TERMS, AntLossConfig, TrajectoryLatents, ablation_config, ac_loss,
-                           ant_loss, ant_targets, draw_steps, esd_loss, method_loss, paper_config, stage_ranges,
-                           trainable_names)
-from ant_nb.sampling import trajectory
+from ant_nb.base.model import encode_prompts
+from ant_nb.base.timesteps import paper_timesteps
+from ant_nb.method.losses import (ABLATIONS, AntLossConfig, METHODS, TERMS, ablation_config, ac_loss, ant_loss,
+                                  draw_steps, esd_loss, paper_config, stage_ranges, trainable_names)
+from ant_nb.method.trajectories import TrajectoryLatents, method_loss, trajectories_from_file
+from ant_nb.base.sampling import guide, trajectory
 
 from conftest import BATCH_ATOL, diffusers_loop
 
@@ -201,7 +202,7 @@ def test_ant_targets_from_v_are_the_v_of_the_targets_from_eps(tiny_sd_v):
     to_eps = lambda v: a.sqrt() * v + (1 - a).sqrt() * z  # as scheduler.step recovers ε from v
     to_v = lambda e: (e - (1 - a).sqrt() * z) / a.sqrt()
     for eta, sign in ((1.0, 1), (1.0, -1), (0.5, -1), (2.0, 1)):
-        torch.testing.assert_close(to_v(ant_targets(to_eps(v_u), to_eps(v_c), eta, sign)), ant_targets(v_u, v_c, eta, sign),
+        torch.testing.assert_close(to_v(guide(to_eps(v_u), to_eps(v_c), eta, sign < 0)), guide(v_u, v_c, eta, sign < 0),
                                    rtol=1e-4, atol=1e-4)
 
 
@@ -247,24 +248,16 @@ def test_method_loss_with_recorded_eps_equals_frozen_calls(tiny_sd, method):
 
 
 def test_saved_cache_round_trip(tiny_sd, tmp_path):
-    "`state()` saved with safetensors and read back gives the same draws and predictions."
-    from safetensors.torch import load_file, save_file
-    lat = TrajectoryLatents(tiny_sd, ["nudity"], cache_size=2, num_steps=T, progress=False)
-    save_file(lat.state(), tmp_path/"traj.safetensors")
-    saved = load_file(tmp_path/"traj.safetensors")
-    back = TrajectoryLatents(tiny_sd, ["nudity"], cache_size=2, num_steps=T, cache=saved["latents"],
-                             cache_eps=saved["eps"])
-    torch.testing.assert_close(back.eps, lat.eps)
-    written = TrajectoryLatents.from_file(tmp_path/"f.safetensors", tiny_sd, ["nudity"], cache_size=2, num_steps=T)
-    read = TrajectoryLatents.from_file(tmp_path/"f.safetensors", tiny_sd, ["nudity"], cache_size=2, num_steps=T)
+    "A cache written by `trajectories_from_file` is read back as the same latents and predictions; shapes are checked."
+    from safetensors.torch import save_file
+    written = trajectories_from_file(tmp_path/"f.safetensors", tiny_sd, ["nudity"], cache_size=2, num_steps=T)
+    read = trajectories_from_file(tmp_path/"f.safetensors", tiny_sd, ["nudity"], cache_size=2, num_steps=T)
     torch.testing.assert_close(read.latents, written.latents)
     torch.testing.assert_close(read.eps, written.eps)
-    old = TrajectoryLatents(tiny_sd, ["nudity"], cache_size=2, num_steps=T, cache=saved["latents"])  # older files
-    assert old.eps is None
-    with pytest.raises(ValueError, match="eps"):
-        TrajectoryLatents(tiny_sd, ["nudity"], cache_size=2, num_steps=T, cache=saved["latents"],
-                          cache_eps=saved["eps"][:, :1])
-
+    save_file({"latents": written.latents.contiguous()}, tmp_path/"old.safetensors")  # files from before `eps` was kept
+    assert trajectories_from_file(tmp_path/"old.safetensors", tiny_sd, ["nudity"], cache_size=2, num_steps=T).eps is None
+    with pytest.raises(ValueError, match="expected"):
+        trajectories_from_file(tmp_path/"f.safetensors", tiny_sd, ["nudity"], cache_size=3, num_steps=T)
 
 def test_fresh_latents_and_method_loss(tiny_sd):
     cfg = AntLossConfig(num_steps=T, t_prime=8)

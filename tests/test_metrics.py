@@ -1,13 +1,13 @@
-"""Tests of ant_nb.metrics: NudeNet counting (offline), CLIP score formula, FID and the Fréchet formula, photos,
+"""Tests of ant_nb.evaluate.metrics: NudeNet counting (offline), CLIP score formula, FID and the Fréchet formula, photos,
 H_c / H_a (Tables 2-4), CLIP identification and the face ratio."""
 import numpy as np
 import pytest
 import torch
 
-from ant_nb.metrics import (NUDENET_CLASSES, clip_identify, clip_score, clip_scores, face_ratio, fid,
-                            frechet_from_features, h_a, h_c, identification_accuracy, load_photos, nudenet_detect,
-                            nudity_counts)
-from ant_nb.testing import tiny_clip
+from ant_nb.evaluate.metrics import (NUDENET_CLASSES, clip_identify, clip_score, clip_scores, face_ratio, fid,
+                                     frechet_from_features, h_a, h_c, identification_accuracy, load_photos,
+                                     nudenet_detect, nudity_counts)
+from ant_nb.base.testing import tiny_clip
 
 
 def test_table1_classes():

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from ant_nb.fusion import GramCache, closed_form_fuse
-from ant_nb.lora import LoraSettings, lora_deltas
-from ant_nb.losses import AntLossConfig
-from ant_nb.multi import EDIT_FILE, MULTI_METHODS, FusionSettings, erase_concepts, load_edit
-from ant_nb.runs import LOCK_FILE
+from ant_nb.method.fusion import GramCache, closed_form_fuse
+from ant_nb.method.lora import LoraSettings, lora_deltas
+from ant_nb.method.losses import AntLossConfig
+from ant_nb.method.multi import EDIT_FILE, FusionSettings, MULTI_METHODS, erase_concepts, load_edit
+from ant_nb.base.files import LOCK_FILE
 from _locks import held_by_another_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def test_each_method_edits_only_cross_attention(tiny_sd, tmp_path, method):
 
 def test_fusion_method_equals_manual_fusion(tiny_sd, tmp_path):
     "ant-fusion's edit is closed_form_fuse of its own LoRAs with the cached preservation Grams, layer by layer."
-    from ant_nb.fusion import kv_projections, token_embeddings
+    from ant_nb.method.fusion import kv_projections, token_embeddings
     fs = FusionSettings(beta_prior=0.5, beta_domain=2.0, lamb=0.1)
     out = erase_concepts(tiny_sd, ["ab", "cd"], ["ef"], "ant-fusion", tmp_path / "run", fusion=fs, **KW)
     prior = GramCache.load(tmp_path / "run" / "cache" / "prior.safetensors")
@@ -144,12 +144,12 @@ def test_two_process_sharding(tiny_sd, tiny_sd_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "ant_nb.multi", *args, "--out", str(tmp_path / "dist")]
+           "-m", "ant_nb.method.multi", *args, "--out", str(tmp_path / "dist")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     assert "process 0/2: training LoRAs for ['ab']" in log and "process 1/2: training LoRAs for ['cd']" in log
-    from ant_nb.sampling import load_images
+    from ant_nb.base.images import load_images
     assert load_images(tmp_path / "dist" / "images").shape == (4, 16, 16, 3)
     cfg = AntLossConfig(t_prime=3, num_steps=5, lambda1=0.4, lambda2=0.5, lambda3=0.2)
     one = erase_concepts(tiny_sd, ["ab", "cd"], ["ef"], "ant-fusion", tmp_path / "one", templates=["{} x", "x {} y"],

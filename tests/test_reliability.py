@@ -16,19 +16,22 @@ import torch
 from safetensors.torch import load_file
 
 import ant_nb
-import ant_nb.erase as erase_mod
-from ant_nb.core import load_model, save_model
-from ant_nb.data import load_artist, load_celebrity, load_coco, load_i2p
-from ant_nb.erase import erase_concept
-from ant_nb.losses import AntLossConfig
-from ant_nb.lora import LORA_FILE, LoraSettings, train_concept_lora
-from ant_nb.train import Checkpointer, finetune
-from ant_nb.multi import FusionSettings, erase_concepts
-from ant_nb.multi import generate_images as multi_generate_images
-from ant_nb.runs import check_device, run_dir
-from ant_nb.saliency import saliency_mask, threshold_map
-from ant_nb.sampling import generate_images, load_images, sample
-from ant_nb.toymodel import ToyTrainConfig, train_toy_model
+import ant_nb.method.erase as erase_mod
+from ant_nb.base.model import load_model, save_model
+from ant_nb.evaluate.data import load_artist, load_celebrity, load_coco, load_i2p
+from ant_nb.method.erase import erase_concept
+from ant_nb.method.losses import AntLossConfig
+from ant_nb.method.lora import LORA_FILE, LoraSettings, train_concept_lora
+from ant_nb.base.checkpoints import Checkpointer
+from ant_nb.method.train import finetune
+from ant_nb.method.multi import FusionSettings, erase_concepts
+from ant_nb.base.images import generate_images as multi_generate_images
+from ant_nb.base.checks import check_device
+from ant_nb.base.files import run_dir
+from ant_nb.method.saliency import saliency_mask, threshold_map
+from ant_nb.base.images import generate_images, load_images
+from ant_nb.base.sampling import sample
+from ant_nb.toy.train import ToyTrainConfig, train_toy_model
 
 PACKAGE = Path(ant_nb.__file__).resolve().parent
 # with `pytest -n 2 --dist loadgroup` the kill tests share one worker, hence one runner process (see `runner`)
@@ -39,8 +42,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 # Kill and resume. The tiny configurations are source text, run both here and in the child process, so that the
 # interrupted and the uninterrupted runs cannot drift apart.
 CONFIGS = '''
-from ant_nb.losses import AntLossConfig
-from ant_nb.toymodel import ToyTrainConfig
+from ant_nb.method.losses import AntLossConfig
+from ant_nb.toy.train import ToyTrainConfig
 _CFG = AntLossConfig(num_steps=10, t_prime=8)
 TOY = ToyTrainConfig(steps=6, batch_size=4, ckpt_every=2, warmup=2, seed=3)
 ERASE = dict(concept=["nudity", "naked"], iterations=8, lr=1e-3, config=_CFG, cache_size=2, checkpoint_every=2,
@@ -58,12 +61,12 @@ _RUNNER = CONFIGS + '''
 import json, os, sys, time, traceback
 import torch
 torch.set_num_threads(1)
-import ant_nb.train, ant_nb.sampling
-from ant_nb.core import load_model
-from ant_nb.erase import erase_concept
-from ant_nb.lora import train_concept_lora
-from ant_nb.sampling import generate_images
-from ant_nb.toymodel import train_toy_model
+import ant_nb.base.checkpoints, ant_nb.base.images
+from ant_nb.base.model import load_model
+from ant_nb.method.erase import erase_concept
+from ant_nb.method.lora import train_concept_lora
+from ant_nb.base.images import generate_images
+from ant_nb.toy.train import train_toy_model
 
 def _pause_after(owner, name, seconds=0.3):
     f = getattr(owner, name)
@@ -86,7 +89,7 @@ for line in sys.stdin:
         try:
             os.dup2(2, 1)  # the worker's prints go to stderr: stdout carries only the runner's protocol
             torch.set_num_threads(1)
-            _pause_after(ant_nb.train.Checkpointer, "save"); _pause_after(ant_nb.sampling, "_save_shard")
+            _pause_after(ant_nb.base.checkpoints.Checkpointer, "save"); _pause_after(ant_nb.base.images, "_save_shard")
             JOBS[job](args)
             os._exit(0)
         except BaseException:
@@ -263,7 +266,7 @@ def _calls(tree):
 
 def test_no_pickle_loading_in_the_package():
     problems = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
@@ -276,8 +279,8 @@ def test_no_pickle_loading_in_the_package():
             if func == "torch.load":
                 w = kw.get("weights_only")
                 if not (isinstance(w, ast.Constant) and w.value is True): problems.append(f"{where}: no weights_only=True")
-            if func == "torch.save" and path.name != "train.py": # the Checkpointer's state.pt: optimizer and generator states
-                problems.append(f"{where}: torch.save outside ant_nb.train's Checkpointer (save weights with safetensors)")
+            if func == "torch.save" and path.name != "checkpoints.py": # the Checkpointer's state.pt: optimizer and generator states
+                problems.append(f"{where}: torch.save outside ant_nb.base.checkpoints' Checkpointer (save weights with safetensors)")
             if func.endswith(("read_pickle", "to_pickle")): problems.append(f"{where}: pickle")
             for key in ("allow_pickle", "safe_serialization", "use_safetensors"):
                 v = kw.get(key)

@@ -1,10 +1,10 @@
-"""Tests of ant_nb.saliency: gradient maps (Eq. 4), thresholds, intersection (Eq. 5), mask files, masked updates (Eq. 6)."""
+"""Tests of ant_nb.method.saliency: gradient maps (Eq. 4), thresholds, intersection (Eq. 5), mask files, masked updates (Eq. 6)."""
 import pytest
 import torch
 
-from ant_nb.losses import AntLossConfig
-from ant_nb.saliency import (check_mask, count_active, gradient_map, intersect, load_mask, mask_gradients,
-                             masked_parameters, saliency_mask, save_mask, threshold_map)
+from ant_nb.method.losses import AntLossConfig
+from ant_nb.method.saliency import (check_mask, count_active, gradient_map, intersect, load_mask, mask_gradients,
+                                    masked_parameters, saliency_mask, save_mask, threshold_map)
 
 CFG = AntLossConfig(num_steps=10, t_prime=8)  # short schedule: cheap trajectories
 

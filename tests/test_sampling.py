@@ -1,4 +1,4 @@
-"""ant_nb.sampling: Eq. 1-2 guidance, the DDIM sampler, trajectories, decoding and grids."""
+"""ant_nb.base.sampling: Eq. 1-2 guidance, the DDIM sampler, trajectories, decoding and grids."""
 import dataclasses
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from ant_nb.core import encode_prompts, initial_noise
-from ant_nb.sampling import condition_sign, decode, guide, image_grid, sample, trajectory
+from ant_nb.base.model import encode_prompts, initial_noise
+from ant_nb.base.sampling import condition_sign, decode, guide, image_grid, sample, trajectory
 
 from conftest import BATCH_ATOL, diffusers_loop
 

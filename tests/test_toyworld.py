@@ -7,13 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ant_nb.core import TOY_DEFAULT, TOY_MODELS, load_model, paper_timesteps, toy_model_dir
-from ant_nb.judges import HEADS, Judge, JudgeNet, labels_of, load_judge
-from ant_nb.sampling import sample
-from ant_nb.toymodel import (ToyTrainConfig, build_tokenizer, build_toy_components, export_toy_model, train_toy_model,
-                             world_batch)
-from ant_nb.toyworld import (CHARACTERS, CHARACTERS_ERASE, CHARACTERS_PRESERVE, FULL_STYLES, STYLES, UNSAFE_WORDS, caption,
-                             render, toy_art, toy_celebrity, toy_coco, toy_i2p, world_words)
+from ant_nb.base.model import load_model
+from ant_nb.base.registry import TOY_DEFAULT, TOY_MODELS, toy_model_dir
+from ant_nb.base.timesteps import paper_timesteps
+from ant_nb.toy.judges import HEADS, Judge, JudgeNet, labels_of, load_judge
+from ant_nb.base.sampling import sample
+from ant_nb.toy.model import build_tokenizer, build_toy_components
+from ant_nb.toy.train import ToyTrainConfig, export_toy_model, train_toy_model, world_batch
+from ant_nb.toy.prompts import toy_art, toy_celebrity, toy_coco, toy_i2p, world_words
+from ant_nb.toy.world import (CHARACTERS, CHARACTERS_ERASE, CHARACTERS_PRESERVE, FULL_STYLES, STYLES, UNSAFE_WORDS,
+                              caption, render)
 
 from conftest import diffusers_loop
 
@@ -148,7 +151,7 @@ def test_resume_refuses_other_prediction_options(tmp_path):
 
 def test_training_folder_is_locked(tmp_path):
     import socket
-    from ant_nb.runs import LOCK_FILE
+    from ant_nb.base.files import LOCK_FILE
     (tmp_path/"run").mkdir()  # another live process (pid 1) is training into it
     (tmp_path/"run"/LOCK_FILE).write_text(json.dumps(dict(pid=1, host=socket.gethostname(), since="now")))
     with pytest.raises(RuntimeError, match="process 1"):
@@ -157,8 +160,9 @@ def test_training_folder_is_locked(tmp_path):
 
 
 def test_reversal_study_counts_rows_per_t_prime_and_kind():
-    from ant_nb.core import DiffusionModel
-    from ant_nb.toystudies import figure3, quality_specs
+    from ant_nb.base.model import DiffusionModel
+    from ant_nb.studies.insight import figure3
+    from ant_nb.studies.quality import quality_specs
     model = DiffusionModel(*build_toy_components(), source="untrained")
     table, images, prompts, seeds = figure3(model, Judge(JudgeNet()), [], n_prompts=6, t_primes=[None, 1, 2], num_steps=2,
                                             progress=False)
@@ -193,8 +197,8 @@ def test_shipped_judge_reads_rendered_images():
 
 
 def test_full_size_families_keep_the_originals_and_look_different():
-    from ant_nb.toyworld import (FULL_CHARACTERS, FULL_CHARACTERS_ERASE, FULL_CHARACTERS_PRESERVE, FULL_STYLES,
-                                 FULL_STYLES_ERASE, FULL_STYLES_PRESERVE)
+    from ant_nb.toy.world import (FULL_CHARACTERS, FULL_CHARACTERS_ERASE, FULL_CHARACTERS_PRESERVE, FULL_STYLES,
+                                  FULL_STYLES_ERASE, FULL_STYLES_PRESERVE)
     assert (len(FULL_CHARACTERS_ERASE), len(FULL_CHARACTERS_PRESERVE)) == (100, 100)
     assert FULL_CHARACTERS_ERASE[:10] == CHARACTERS_ERASE and FULL_CHARACTERS_PRESERVE[:10] == CHARACTERS_PRESERVE
     assert (len(FULL_STYLES_ERASE), len(FULL_STYLES_PRESERVE)) == (20, 20) and list(FULL_STYLES)[:10] == list(STYLES)
@@ -218,8 +222,8 @@ def test_every_added_style_is_visible_on_every_background(style):
 
 
 def test_each_toy_model_has_its_judge_and_the_v2_judge_reads_the_full_cast():
-    from ant_nb.core import toy_judge_path
-    from ant_nb.toyworld import FULL_CHARACTERS
+    from ant_nb.base.registry import toy_judge_path
+    from ant_nb.toy.world import FULL_CHARACTERS
     for name in TOY_MODELS: assert toy_judge_path(name).is_file(), name
     assert not load_judge(model="toy-v1").full_cast
     judge = load_judge(model="toy-v2")

@@ -24,7 +24,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ant_nb.runs import project_path, save_table
+from ant_nb.base.files import project_path
+from ant_nb.base.report import save_table
 
 CONCEPT = ["nudity", "naked", "erotic", "sexual"]
 MASK_SEEDS = [24, 42, 98, 403, 3407]
@@ -32,9 +33,9 @@ MASK_SEEDS = [24, 42, 98, 403, 3407]
 
 def single_concept(folder: Path):
     "Saliency mask + masked ANT fine-tuning of the toy model, as nbs/20_nsfw.ipynb does by default."
-    from ant_nb.core import load_model
-    from ant_nb.erase import erase_concept, erase_defaults
-    from ant_nb.saliency import saliency_mask
+    from ant_nb.base.model import load_model
+    from ant_nb.method.erase import erase_concept, erase_defaults
+    from ant_nb.method.saliency import saliency_mask
     model = load_model("toy")
     config = erase_defaults("ant", "toy")["config"]
     mask = saliency_mask(model, CONCEPT, MASK_SEEDS, top_fraction=0.5, config=config, progress=False)
@@ -44,12 +45,13 @@ def single_concept(folder: Path):
 
 def ten_concepts(folder: Path):
     "ANT-fusion erasure of the 10 toy characters to erase, keeping the other 10, as nbs/30_celebrity.ipynb does."
-    from ant_nb.core import load_model
-    from ant_nb.fusion import gram_from_prompts
-    from ant_nb.lora import LoraSettings
-    from ant_nb.evaluate import experiment_table, load_backend, prior_table
-    from ant_nb.experiments import experiment_settings
-    from ant_nb.multi import erase_concepts
+    from ant_nb.base.model import load_model
+    from ant_nb.method.fusion import gram_from_prompts
+    from ant_nb.method.lora import LoraSettings
+    from ant_nb.evaluate.backends import load_backend
+    from ant_nb.evaluate.scores import experiment_table, prior_table
+    from ant_nb.studies.presets import experiment_settings
+    from ant_nb.method.multi import erase_concepts
     model = load_model("toy")
     cfg = experiment_settings("celebrity", "toy")
     backend = load_backend("toy")

@@ -29,12 +29,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ant_nb.core import encode_prompts, load_model, paper_step_to_timestep, with_unet
-from ant_nb.testing import build_tiny_sd
-from ant_nb.erase import erase_concept
-from ant_nb.losses import AntLossConfig, TrajectoryLatents, ant_targets, draw_steps
-from ant_nb.runs import project_path, save_table
-from ant_nb.sampling import trajectory
+from ant_nb.base.model import encode_prompts, load_model, with_unet
+from ant_nb.base.timesteps import paper_step_to_timestep
+from ant_nb.base.testing import build_tiny_sd
+from ant_nb.method.erase import erase_concept
+from ant_nb.method.losses import AntLossConfig, ant_targets, draw_steps
+from ant_nb.method.trajectories import TrajectoryLatents
+from ant_nb.base.files import project_path
+from ant_nb.base.report import save_table
+from ant_nb.base.sampling import trajectory
 
 CONCEPT = ["nudity", "naked", "erotic", "sexual"]
 

@@ -19,10 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_sampling import reference_run  # noqa: E402  the tests' hand-written DDIM + CFG loop
 
-from ant_nb.core import load_model  # noqa: E402
-from ant_nb.runs import project_path, save_table  # noqa: E402
-from ant_nb.sampling import sample  # noqa: E402
-from ant_nb.testing import build_tiny_sd  # noqa: E402
+from ant_nb.base.model import load_model# noqa: E402
+from ant_nb.base.report import save_table# noqa: E402
+from ant_nb.base.files import project_path
+from ant_nb.base.sampling import sample# noqa: E402
+from ant_nb.base.testing import build_tiny_sd# noqa: E402
 
 
 def main():

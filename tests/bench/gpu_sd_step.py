@@ -19,8 +19,9 @@ import pandas as pd
 import torch
 from diffusers import UNet2DConditionModel
 
-from ant_nb.losses import AntLossConfig, ant_loss
-from ant_nb.runs import project_path, save_table
+from ant_nb.method.losses import AntLossConfig, ant_loss
+from ant_nb.base.files import project_path
+from ant_nb.base.report import save_table
 
 SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,

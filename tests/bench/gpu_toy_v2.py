@@ -36,11 +36,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ant_nb.core import load_model, toy_judge_path
-from ant_nb.judges import load_judge
-from ant_nb.runs import atomic_write_text, check_device, project_path, save_table
-from ant_nb.toymodel import ToyTrainConfig, export_toy_model, train_toy_model
-from ant_nb.toystudies import quality_report
+from ant_nb.base.model import load_model
+from ant_nb.base.registry import toy_judge_path
+from ant_nb.toy.judges import load_judge
+from ant_nb.base.checks import check_device
+from ant_nb.base.files import atomic_write_text, project_path
+from ant_nb.base.report import save_table
+from ant_nb.toy.train import ToyTrainConfig, export_toy_model, train_toy_model
+from ant_nb.studies.quality import quality_report
 
 V1_RECIPE = dict(batch_size=512, lr=8e-4, warmup=500)  # outputs/toyworld/train/recipe.json
 QUALITY_SEED = 7  # the seed of every v2 quality report (README); no notebook default uses it

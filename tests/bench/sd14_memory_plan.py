@@ -12,7 +12,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ant_nb.runs import project_path, save_table
+from ant_nb.base.files import project_path
+from ant_nb.base.report import save_table
 from gpu_sd_step import SD14_UNET
 
 GB = 2**30

@@ -17,11 +17,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ant_nb.core import load_model
-from ant_nb.evaluate import load_backend
-from ant_nb.runs import project_path, save_table
-from ant_nb.sampling import sample
-from ant_nb.toyworld import CHARACTERS, FULL_CHARACTERS, TOY_GUIDANCE
+from ant_nb.base.model import load_model
+from ant_nb.evaluate.backends import load_backend
+from ant_nb.base.files import project_path
+from ant_nb.base.report import save_table
+from ant_nb.base.sampling import sample
+from ant_nb.toy.prompts import TOY_GUIDANCE
+from ant_nb.toy.world import CHARACTERS, FULL_CHARACTERS
 
 TRAITS = ("body colour", "hat colour", "outline", "belt")  # the fields of a FULL_CHARACTERS value, in order
 

@@ -26,10 +26,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from ant_nb.core import DiffusionModel, encode_prompts, load_model, prediction_target
-from ant_nb.runs import project_path, save_table
-from ant_nb.toymodel import UNET_CONFIG, build_toy_components, world_batch
-from ant_nb.toyworld import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, WorldMix, caption
+from ant_nb.base.model import DiffusionModel, encode_prompts, load_model
+from ant_nb.base.timesteps import prediction_target
+from ant_nb.base.files import project_path
+from ant_nb.base.report import save_table
+from ant_nb.toy.model import UNET_CONFIG, build_toy_components
+from ant_nb.toy.train import world_batch
+from ant_nb.toy.prompts import WorldMix
+from ant_nb.toy.world import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, caption
 
 THIRDS = (slice(0, 11), slice(11, 21), slice(21, 32))  # image columns of the left, middle and right third
 FOUR_LEVELS = dict(block_out_channels=(32, 64, 96, 96),

@@ -12,11 +12,12 @@ import argparse
 import pandas as pd
 import torch
 
-from ant_nb.core import load_model
-from ant_nb.judges import load_judge
-from ant_nb.runs import project_path, save_table
-from ant_nb.toystudies import quality_report
-from ant_nb.toyworld import TOY_GUIDANCE
+from ant_nb.base.model import load_model
+from ant_nb.toy.judges import load_judge
+from ant_nb.base.files import project_path
+from ant_nb.base.report import save_table
+from ant_nb.studies.quality import quality_report
+from ant_nb.toy.prompts import TOY_GUIDANCE
 
 SETTINGS = {  # name: (quality_report keywords, scheduler config changes)
     f"default (DDIM 50, guidance {TOY_GUIDANCE:g})": ({}, {}),
