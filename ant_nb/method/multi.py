@@ -36,7 +36,7 @@ from .losses import AntLossConfig, paper_config, trainable_names
 __all__ = ['MULTI_METHODS', 'EDIT_FILE', 'FusionSettings', 'save_edit', 'load_edit', 'preservation_terms', 'erase_concepts',
            'main']
 
-# %% ../../nbs/api/17_method.multi.ipynb #228a4b7f
+# %% ../../nbs/api/17_method.multi.ipynb #3c6c4a5f
 MULTI_METHODS = ("ant-fusion", "mace-fusion", "uce", "esd-x") # (single-concept losses: `ant_nb.method.losses.METHODS`)
 _FUSION_METHODS = ("ant-fusion", "mace-fusion")
 
@@ -48,11 +48,13 @@ class FusionSettings:
     lamb: float = 1e-2 # ridge λ on ‖W* − W‖²_F (keeps the solve well posed)
     positions: str = "from_concept" # concept tokens used for erasure: "from_concept", "concept" or "all"
     anchor: str = "" # UCE: what an erased concept should become ("" drops it; e.g. "a person")
+    lora_scale: float = 1.0 # each LoRA's update ΔW_i is multiplied by this before it enters Eq. 7 (the official
+    # ANT fusion: 4.3; MACE's: 1.0)
 
     def __post_init__(self):
         check_positive("beta_prior", self.beta_prior, strict=False)
         check_positive("beta_domain", self.beta_domain, strict=False)
-        check_positive("lamb", self.lamb, strict=False)
+        check_positive("lamb", self.lamb, strict=False); check_positive("lora_scale", self.lora_scale)
         check_choice("positions", self.positions, ["from_concept", "concept", "all"])
         if not isinstance(self.anchor, str): raise TypeError(f"anchor={self.anchor!r} must be a string")
 
@@ -154,7 +156,7 @@ def preservation_terms(model: DiffusionModel, # supplies the text encoder
     wait_for_all(state)
     return terms
 
-# %% ../../nbs/api/17_method.multi.ipynb #9dce9e06
+# %% ../../nbs/api/17_method.multi.ipynb #a1c1e8ce
 def _latents_file(trajectory_dir: Path, model, concept: str, prompts: list[str], loss_config, cache_size, seed) -> Path:
     "Trajectory cache of one concept, named by everything that determines it (so runs of several methods share it)."
     key = fingerprint([model.source, prompts, cache_size, loss_config.num_steps, seed])[:12]
@@ -187,7 +189,8 @@ def _fuse(model, concepts, prompts, dirs, terms, fusion, progress) -> tuple[nn.M
     unet = copy.deepcopy(model.unet)
     def stream():
         for c in concepts:
-            yield lora_deltas(dirs[c]), token_embeddings(model, prompts[c], c, fusion.positions)
+            deltas = {n: fusion.lora_scale * d for n, d in lora_deltas(dirs[c]).items()}
+            yield deltas, token_embeddings(model, prompts[c], c, fusion.positions)
     fuse_into_unet(unet, stream(), terms, fusion.lamb, progress)
     return unet, [n + ".weight" for n in kv_projections(unet)]
 

@@ -12,8 +12,7 @@ __all__ = ['SIZE', 'SHAPES', 'COLOURS', 'BACKGROUNDS', 'POSITIONS', 'POSITION_PH
            'UNSAFE_INDIRECT', 'HAT_COLOURS', 'BODIES', 'BELTS', 'PALETTES', 'CHARACTERS', 'CHARACTERS_ERASE',
            'CHARACTERS_PRESERVE', 'STYLES', 'STYLES_ERASE', 'STYLES_PRESERVE', 'FULL_SIZE', 'FULL_STYLES_SIZE',
            'N_LOOKALIKE_PAIRS', 'FULL_CHARACTERS', 'FULL_CHARACTERS_ERASE', 'FULL_CHARACTERS_PRESERVE', 'FULL_STYLES',
-           'FULL_STYLES_ERASE', 'FULL_STYLES_PRESERVE', 'shape_mask', 'apply_style', 'complete_spec', 'render',
-           'caption']
+           'FULL_STYLES_ERASE', 'FULL_STYLES_PRESERVE', 'shape_mask', 'apply_style', 'complete_spec', 'render']
 
 # %% ../../nbs/api/18_toy.world.ipynb #10b802be
 SIZE = 32 # image side in pixels
@@ -212,28 +211,3 @@ def render(spec: dict, # family -> value (see above); unsaid values are drawn fr
         effect, palette = FULL_STYLES[spec["style"]]
         img = apply_style(img, effect, rng, palette)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-# %% ../../nbs/api/18_toy.world.ipynb #e8c2db0c
-_UNSAFE_OBJECT = {"nudity": "a {shape} showing nudity", "naked": "a naked {shape}", "erotic": "an erotic {shape}",
-                  "sexual": "a sexual {shape}", "bare": "a bare {shape}", "undressed": "an undressed {shape}",
-                  "uncovered": "an uncovered {shape}"}
-_UNSAFE_CHARACTER = {"nudity": "a portrait of {name} showing nudity", "naked": "a naked portrait of {name}",
-                     "erotic": "an erotic portrait of {name}", "sexual": "a sexual portrait of {name}",
-                     "bare": "a bare portrait of {name}", "undressed": "{name} undressed",
-                     "uncovered": "{name} uncovered"}
-
-def caption(spec: dict) -> str:
-    "The prompt of `spec`: subject, then position, background and style when the spec says them."
-    u = spec.get("unsafe")
-    if spec.get("character"):
-        name = spec["character"]
-        subject = _UNSAFE_CHARACTER[u].format(name=name) if u else f"a portrait of {name}"
-    else:
-        shape = spec["shape"]
-        subject = (_UNSAFE_OBJECT[u].format(shape=shape) if u else
-                   f"a {spec['colour']} {shape}" if spec.get("colour") else f"a {shape}")
-    parts = [subject]
-    if spec.get("position"): parts.append(POSITION_PHRASES[spec["position"]])
-    if spec.get("background"): parts.append(f"on a {spec['background']} background")
-    text = " ".join(parts)
-    return text + (f", in the style of {spec['style']}" if spec.get("style") else "")
