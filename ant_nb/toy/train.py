@@ -78,7 +78,7 @@ def cached_batch(rng: np.random.Generator, latents: torch.Tensor, specs: list[di
     return latents[torch.from_numpy(idx)].float(), ["" if rng.random() < p_drop else phrase(_said(specs[i], rng, mix))
                                                     for i in idx]
 
-# %% ../../nbs/api/24_toy.train.ipynb #01e7d2fa
+# %% ../../nbs/api/24_toy.train.ipynb #3dac2dec
 TRAINABLE = {"all": "every weight of the UNet and the text encoder",
              "text": "the text encoder and the UNet's cross-attention key and value projections (attn2.to_k, attn2.to_v): "
                      "what maps words to what is drawn, while the UNet's drawing stays as it is"}
@@ -110,25 +110,29 @@ class ToyTrainConfig:
     # captions (None: render and encode a new batch every step)
     bf16: bool = False # bfloat16 autocast on a CPU as well (always on CUDA)
 
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "warmup", "ckpt_every", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
-                raise ValueError(f"{name}={v!r} is not allowed; it must be an integer >= {0 if name == 'seed' else 1}")
-        check_positive("lr", self.lr); check_positive("weight_decay", self.weight_decay, strict=False)
-        check_range("ema_decay", self.ema_decay, 0.0, 1.0); check_range("p_drop", self.p_drop, 0.0, 1.0)
-        if self.max_seconds is not None: check_positive("max_seconds", self.max_seconds)
-        toy_scheduler_config(self.prediction_type, self.zero_terminal_snr) # checks both
-        check_choice("full_cast", self.full_cast, [True, False])
-        check_range("p_character", self.p_character, 0.0, 1.0); check_choice("trainable", self.trainable, list(TRAINABLE))
-        if self.vae is not None and not (project_path(self.vae)/"config.json").is_file():
-            raise ValueError(f"vae={self.vae!r} is not a VAE folder (no config.json); train one with ant_nb.toy.vae.train_toy_vae")
-        check_choice("grammar", self.grammar, [True, False]); check_choice("bf16", self.bf16, [True, False])
-        if self.latent_images is not None:
-            check_range("latent_images", self.latent_images, self.batch_size, 10**8)
-            if self.vae is None: raise ValueError("latent_images needs vae (a latent model); pass vae=<a VAE folder>")
-        if self.init is not None and (not isinstance(self.init, str) or not self.init):
-            raise ValueError(f"init={self.init!r} is not allowed; give None (fresh weights), 'toy' or a model folder")
+    def __post_init__(self): _check_config(self)
+
+# %% ../../nbs/api/24_toy.train.ipynb #4886388c
+def _check_config(cfg: ToyTrainConfig):
+    "Raise `ValueError` naming the first bad field of a training recipe."
+    for name in ("steps", "batch_size", "warmup", "ckpt_every", "seed"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
+            raise ValueError(f"{name}={v!r} is not allowed; it must be an integer >= {0 if name == 'seed' else 1}")
+    check_positive("lr", cfg.lr); check_positive("weight_decay", cfg.weight_decay, strict=False)
+    check_range("ema_decay", cfg.ema_decay, 0.0, 1.0); check_range("p_drop", cfg.p_drop, 0.0, 1.0)
+    if cfg.max_seconds is not None: check_positive("max_seconds", cfg.max_seconds)
+    toy_scheduler_config(cfg.prediction_type, cfg.zero_terminal_snr) # checks both
+    check_choice("full_cast", cfg.full_cast, [True, False])
+    check_range("p_character", cfg.p_character, 0.0, 1.0); check_choice("trainable", cfg.trainable, list(TRAINABLE))
+    if cfg.vae is not None and not (project_path(cfg.vae)/"config.json").is_file():
+        raise ValueError(f"vae={cfg.vae!r} is not a VAE folder (no config.json); train one with ant_nb.toy.vae.train_toy_vae")
+    check_choice("grammar", cfg.grammar, [True, False]); check_choice("bf16", cfg.bf16, [True, False])
+    if cfg.latent_images is not None:
+        check_range("latent_images", cfg.latent_images, cfg.batch_size, 10**8)
+        if cfg.vae is None: raise ValueError("latent_images needs vae (a latent model); pass vae=<a VAE folder>")
+    if cfg.init is not None and (not isinstance(cfg.init, str) or not cfg.init):
+        raise ValueError(f"init={cfg.init!r} is not allowed; give None (fresh weights), 'toy' or a model folder")
 
 # %% ../../nbs/api/24_toy.train.ipynb #523875f4
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
@@ -203,7 +207,7 @@ def training_hours(log) -> float:
     s = log.seconds.to_numpy()
     return float(s[-1] + s[:-1][s[1:] < s[:-1]].sum()) / 3600
 
-# %% ../../nbs/api/24_toy.train.ipynb #bbc34e51
+# %% ../../nbs/api/24_toy.train.ipynb #e074e68e
 def train_toy_model(out_dir: str | Path, # run folder: checkpoints/, train_log.csv, recipe.json
                     cfg: ToyTrainConfig = ToyTrainConfig(),
                     resume: bool = True, # continue from the newest checkpoint in `out_dir/checkpoints`
@@ -224,6 +228,7 @@ def _components(cfg: ToyTrainConfig):
     if cfg.init is not None: _load_initial_weights(unet, te, cfg.init)
     return unet, te, tok, sched, vae
 
+# %% ../../nbs/api/24_toy.train.ipynb #91423ac3
 def _train(out_dir: Path, cfg: ToyTrainConfig, resume: bool, device: str, workers: int, progress: bool) -> Path:
     "The training loop of `train_toy_model`, in its locked `out_dir`."
     unet, te, tok, sched, vae = _components(cfg)
