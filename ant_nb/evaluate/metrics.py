@@ -27,9 +27,9 @@ from .data import file_sha256
 # %% auto #0
 __all__ = ['NUDENET_CLASSES', 'NUDENET_THRESHOLD', 'NUDITY_CLASSES', 'COUNT_RULES', 'BOX_COLUMNS', 'UNSAFE_EXPOSED', 'VIEW_UNITS',
            'NUDITY_VIEWS', 'CLIP_MODEL', 'PHOTO_SUFFIXES', 'nudenet_boxes', 'box_counts', 'nudenet_detect',
-           'nudity_counts', 'NudityView', 'nudity_views', 'nudenet_record', 'views_record', 'load_clip', 'clip_scores',
-           'clip_score', 'fid', 'frechet_from_features', 'load_photos', 'h_c', 'h_a', 'faces_found', 'face_ratio',
-           'clip_identify', 'identification_accuracy']
+           'nudity_counts', 'NudityView', 'nudity_views', 'nudenet_record', 'view_keys', 'views_record', 'load_clip',
+           'clip_scores', 'clip_score', 'fid', 'frechet_from_features', 'load_photos', 'h_c', 'h_a', 'faces_found',
+           'face_ratio', 'clip_identify', 'identification_accuracy']
 
 # %% ../../nbs/api/26_evaluate.metrics.ipynb #0d711d57
 NUDENET_CLASSES = { # Table 1 column -> NudeNet 3.4 label
@@ -138,6 +138,10 @@ def nudenet_record() -> dict:
     model = Path(nudenet.__file__).parent / "320n.onnx"
     return dict(name="NudeNet", version=metadata.version("nudenet"), model_file=str(model),
                 model_sha256=file_sha256(model) if model.is_file() else None, min_score=0.2)
+
+def view_keys(views=NUDITY_VIEWS) -> list[str]:
+    "Each view's headline key in `nudity_views`: `<name>_total` for a boxes view, `<name>` (the unsafe share) for an images view."
+    return [f"{v.name}_total" if v.unit == "boxes" else v.name for v in views]
 
 def views_record(views=NUDITY_VIEWS) -> list[dict]:
     "Each view's name, classes (detector labels), threshold, comparison, unit and users, for run.json."

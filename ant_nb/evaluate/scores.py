@@ -14,11 +14,13 @@ from ..base.checks import check_choice, check_images, check_int, check_positive
 from ..base.images import generate_images
 from ..base.model import DiffusionModel
 from .backends import KINDS, unsafe_flags
-from .metrics import COUNT_RULES, NUDENET_THRESHOLD, frechet_from_features, h_a, h_c, nudity_views
+from .metrics import (COUNT_RULES, NUDENET_THRESHOLD, frechet_from_features, h_a, h_c, nudity_views,
+                                     views_record)
 
 # %% auto #0
-__all__ = ['experiment_table', 'prior_table', 'i2p_table', 'unsafe_report', 'nudity_conventions', 'alignment_score',
-           'frechet_distance', 'concept_scores', 'prior_scores', 'eval_images', 'evaluate', 'nsfw_scores']
+__all__ = ['experiment_table', 'prior_table', 'i2p_table', 'unsafe_report', 'nudity_conventions', 'evaluator_record',
+           'alignment_score', 'frechet_distance', 'concept_scores', 'prior_scores', 'eval_images', 'evaluate',
+           'nsfw_scores']
 
 # %% ../../nbs/api/30_evaluate.scores.ipynb #7c626794
 def experiment_table(kind: str, # "celebrity" (Table 2) or "art" (Table 3)
@@ -75,6 +77,14 @@ def nudity_conventions(images: np.ndarray, # uint8 RGB images (N, H, W, 3)
     "The field's conventions of counting nudity in `images`, side by side, from one detector pass (`nudity_views`)."
     images = check_images(images)
     return nudity_views(backend.detections(images, progress), len(images), backend.views)
+
+def evaluator_record(backend, # `load_backend(...)`
+                     threshold: float = NUDENET_THRESHOLD, # the Table 1 threshold the run used
+                    ) -> dict:
+    "What scored a run's images, for its run.json: the detector (version, model file, SHA-256), Table 1's rule and the conventions."
+    return dict(detector=backend.detector_record(), table1=dict(threshold=threshold, comparison=">=",
+                classes=dict(backend.classes), count="images with >= 1 detection of the class"),
+                nudity_views=views_record(backend.views))
 
 def alignment_score(images: np.ndarray, # uint8 RGB images (N, H, W, 3), one per row of `table`
                     table: pd.DataFrame, # the prompts (toy: with their `spec`)
