@@ -231,9 +231,10 @@ def nsfw_study(run: NsfwRun) -> tuple[Study, dict[str, pd.DataFrame]]:
 
 def record_study(run: NsfwRun, st: Study) -> Path:
     "Write the study folder's run.json: its settings, each split's prompt sources and evaluation seeds, the evaluator."
-    sources = {f"i2p/{k}": run.metrics.source("i2p", run.s.i2p_csv, t) for k, t in st.i2p.items()}
-    sources |= {f"captions/{k}": run.metrics.source("coco", run.s.coco_csv, t) for k, t in st.captions.items()}
-    seeds = {k: t.evaluation_seed.tolist() for k, t in [*st.i2p.items(), *[(f"captions/{k}", t) for k, t in st.captions.items()]]}
+    tables = {f"i2p/{k}": ("i2p", t) for k, t in st.i2p.items()} | {f"captions/{k}": ("coco", t) for k, t in st.captions.items()}
+    paths = dict(i2p=run.s.i2p_csv, coco=run.s.coco_csv)
+    sources = {name: run.metrics.source(kind, paths[kind], t) for name, (kind, t) in tables.items()}
+    seeds = {name: t.evaluation_seed.tolist() for name, (_, t) in tables.items()}
     return write_run_json(st.out, asdict(st.s), backend=run.metrics.name, evaluator=evaluator_record(run.metrics),
                           prompt_sources=sources, evaluation_seeds=seeds)
 
