@@ -23,10 +23,12 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
     python_requires=">=" + cfg["min_python"],
     install_requires=cfg["requirements"].split(),
-    extras_require={"dev": cfg["dev_requirements"].split()},
+    extras_require={"dev": cfg["dev_requirements"].split(), # nbdev, papermill, pytest, ...
+                    "unlearn": cfg.get("unlearn_requirements", "").split()}, # eval-unlearn (Python >= 3.11 only)
     # pyproject.toml (rewritten by nbdev_export) declares these fields dynamic, so setup.py must set each one
     entry_points={"nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
-                  "console_scripts": cfg.get("console_scripts", "").split()}, # ant-nb-multi, ant-nb-study, ant-nb-multistudy
+                  "console_scripts": cfg.get("console_scripts", "").split(), # ant-nb-multi, ant-nb-study, ant-nb-multistudy
+                  "eval_unlearn.techniques": cfg.get("unlearn_techniques", "").split()}, # ant_nb.interop.unlearn.TECHNIQUES
     scripts=[],
     include_package_data=True,
     zip_safe=False,

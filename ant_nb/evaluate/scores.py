@@ -13,12 +13,14 @@ import pandas as pd
 from ..base.checks import check_choice, check_images, check_int, check_positive
 from ..base.images import generate_images
 from ..base.model import DiffusionModel
-from .backends import KINDS
-from .metrics import COUNT_RULES, NUDENET_THRESHOLD, frechet_from_features, h_a, h_c
+from .backends import KINDS, unsafe_flags
+from .metrics import (COUNT_RULES, NUDENET_THRESHOLD, frechet_from_features, h_a, h_c, nudity_views,
+                                     views_record)
 
 # %% auto #0
-__all__ = ['experiment_table', 'prior_table', 'i2p_table', 'unsafe_report', 'alignment_score', 'frechet_distance',
-           'concept_scores', 'prior_scores', 'eval_images', 'evaluate', 'nsfw_scores']
+__all__ = ['experiment_table', 'prior_table', 'i2p_table', 'unsafe_report', 'nudity_conventions', 'evaluator_record',
+           'alignment_score', 'frechet_distance', 'concept_scores', 'prior_scores', 'eval_images', 'evaluate',
+           'nsfw_scores']
 
 # %% ../../nbs/api/30_evaluate.scores.ipynb #7c626794
 def experiment_table(kind: str, # "celebrity" (Table 2) or "art" (Table 3)
@@ -67,6 +69,22 @@ def unsafe_report(images: np.ndarray, # uint8 RGB images (N, H, W, 3)
     counts, classes = backend.unsafe(images, threshold, rule, progress)
     return dict(counts=counts, threshold=threshold, backend=backend.name, n_images=len(images), classes=classes,
                 rule=rule, detector=backend.detector)
+
+def nudity_conventions(images: np.ndarray, # uint8 RGB images (N, H, W, 3)
+                       backend, # `load_backend(...)`
+                       progress: bool = True,
+                      ) -> dict:
+    "The field's conventions of counting nudity in `images`, side by side, from one detector pass (`nudity_views`)."
+    images = check_images(images)
+    return nudity_views(backend.detections(images, progress), len(images), backend.views)
+
+def evaluator_record(backend, # `load_backend(...)`
+                     threshold: float = NUDENET_THRESHOLD, # the Table 1 threshold the run used
+                    ) -> dict:
+    "What scored a run's images, for its run.json: the detector (version, model file, SHA-256), Table 1's rule and the conventions."
+    return dict(detector=backend.detector_record(), table1=dict(threshold=threshold, comparison=">=",
+                classes=dict(backend.classes), count="images with >= 1 detection of the class"),
+                nudity_views=views_record(backend.views))
 
 def alignment_score(images: np.ndarray, # uint8 RGB images (N, H, W, 3), one per row of `table`
                     table: pd.DataFrame, # the prompts (toy: with their `spec`)
@@ -180,13 +198,17 @@ def nsfw_scores(model: DiffusionModel, # the model to evaluate
                 backend, # `load_backend(...)`
                 threshold: float = NUDENET_THRESHOLD, # detection threshold
                 num_steps: int = 50, batch_size: int = 16, progress: bool = True,
+                views_out: dict | None = None, # when given, receives the I2P images' `nudity_views` (the conventions)
                ) -> tuple[dict, pd.DataFrame]:
     """One Table 1 row (detections per class and `total` on I2P; on COCO, `fd` and `alignment`) and the detections per
     I2P prompt: the prompt, its seed and a 0/1 column per class."""
     folder = Path(folder)
     if coco is not None: backend.check_prior(coco) # before any image is made
     gen = dict(num_steps=num_steps, batch_size=batch_size, progress=progress)
-    det = backend.unsafe_images(eval_images(model, i2p, folder/"i2p", **gen), threshold, progress)
+    images = eval_images(model, i2p, folder/"i2p", **gen)
+    boxes = backend.detections(images, progress) # one detector pass for Table 1 and every convention
+    det = unsafe_flags(boxes, len(images), backend.classes, threshold)
+    if views_out is not None: views_out.update(nudity_views(boxes, len(images), backend.views))
     per_prompt = pd.concat([i2p[["prompt", "evaluation_seed"]], det.set_index(i2p.index)], axis=1)
     row = {k: int(det[k].sum()) for k in det.columns} | dict(total=int(det.values.sum()))
     if coco is not None:

@@ -21,7 +21,7 @@ from ..base.report import log_progress, save_figure, save_table, write_run_json
 from ..base.sampling import image_grid
 from ..evaluate.backends import BACKENDS, load_backend
 from ..evaluate.metrics import NUDENET_THRESHOLD
-from ..evaluate.scores import eval_images, i2p_table, nsfw_scores, prior_table
+from ..evaluate.scores import eval_images, evaluator_record, i2p_table, nsfw_scores, prior_table
 from ..method.erase import erase_defaults, erase_or_load
 from ..method.losses import AntLossConfig, METHODS
 from ..method.saliency import cached_saliency_mask, plot_active_curves
@@ -32,7 +32,7 @@ from ..studies.transfer import PHRASING_FORMS, preset_transfer, transfer_verdict
 
 # %% auto #0
 __all__ = ['NAMES', 'NsfwSettings', 'NsfwRun', 'setup_nsfw', 'figure4', 'nsfw_runs', 'erase_and_score', 'nsfw_tables',
-           'nsfw_grid', 'losses_figure', 'record_nsfw', 'nsfw_verdict', 'nsfw_study', 'transfer_check']
+           'nsfw_grid', 'losses_figure', 'record_nsfw', 'nsfw_verdict', 'nsfw_study', 'record_study', 'transfer_check']
 
 # %% ../../nbs/api/41_experiments.nsfw.ipynb #02772c1f
 @dataclass
@@ -131,9 +131,10 @@ def nsfw_runs(run: NsfwRun) -> dict[str, tuple[str, dict | None]]:
             runs[slug] = (name, dict(method="ant", mask=m_star, config=replace(run.config, **change)))
     return runs
 
-def erase_and_score(run: NsfwRun, runs: dict) -> tuple[pd.DataFrame, dict, dict]:
-    "Train (or reload) and score every model of `runs`: the results table, grid images and seconds by slug."
-    s, rows, timings, grids = run.s, [], {}, {}
+def erase_and_score(run: NsfwRun, runs: dict) -> tuple[pd.DataFrame, dict, dict, pd.DataFrame]:
+    """Train (or reload) and score every model of `runs`: the results table, grid images, seconds by slug, and the
+    nudity conventions of each model's I2P images (`nudity_views`; written as all_runs_conventions)."""
+    s, rows, timings, grids, conventions = run.s, [], {}, {}, []
     shared = TrajectoryLatents(run.model, s.concept, s.cache_size, num_steps=run.config.num_steps, seed=s.seed)
     pick = np.flatnonzero(run.i2p.categories.str.contains("sexual").to_numpy())[:8] # the grid's prompts and seeds
     for slug, (name, kw) in runs.items():
@@ -144,23 +145,31 @@ def erase_and_score(run: NsfwRun, runs: dict) -> tuple[pd.DataFrame, dict, dict]
                       seed=s.seed, cache_size=s.cache_size) | ({} if kw["method"] == "ac" else dict(trajectories=shared))
             m = erase_or_load(run.model, s.concept, run.out / "models" / slug, **kw)
         run.log(f"{name}: evaluating {len(run.i2p)} I2P prompts and {len(run.coco)} captions ...")
+        views = {}
         row, _ = nsfw_scores(m, run.i2p, run.coco, run.out / "images" / slug, run.metrics, num_steps=s.eval_steps,
-                             batch_size=s.batch_size)
+                             batch_size=s.batch_size, views_out=views)
         rows.append(dict(run=slug, model=name, **row))
+        conventions.append(dict(run=slug, model=name, **views))
         grids[slug] = eval_images(m, run.i2p, run.out / "images" / slug / "i2p", num_steps=s.eval_steps, progress=False)[pick]
         timings[slug] = round(time.time() - t0, 1)
         run.log(f"{name}: done in {timings[slug]:.0f} s, {row['total']} detections")
-    results = pd.DataFrame(rows)
+    results, conventions = pd.DataFrame(rows), pd.DataFrame(conventions)
     save_table(results, run.out, "all_runs")
-    return results, grids, timings
+    save_table(conventions, run.out, "all_runs_conventions")
+    return results, grids, timings, conventions
 
 # %% ../../nbs/api/41_experiments.nsfw.ipynb #046241dd
-def nsfw_tables(run: NsfwRun, results: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    "Table 1, and Table 5 and the stage ablation when they ran, with the backend's column names; written to the run folder."
+def nsfw_tables(run: NsfwRun, results: pd.DataFrame,
+                conventions: pd.DataFrame | None = None, # `erase_and_score`'s conventions: adds table1_conventions
+               ) -> dict[str, pd.DataFrame]:
+    """Table 1 (and Table 1 in the field's nudity conventions), and Table 5 and the stage ablation when they ran, with
+    the backend's column names; written to the run folder."""
     cls = [c for c in results.columns if c not in ("run", "model", "total", "fd", "alignment")]
     pick = lambda slugs: results[results.run.isin(slugs)][["model", *cls, "total", "fd", "alignment"]].rename(
         columns=run.metrics.columns)
     tables = dict(table1=pick(["original", *run.s.methods]))
+    if conventions is not None:
+        tables["table1_conventions"] = conventions[conventions.run.isin(["original", *run.s.methods])].drop(columns="run")
     if run.s.table5: tables["table5"] = pick(["ant-full", "ant-single", "ant"])
     if run.s.stage_ablation: tables["stage_ablation"] = pick(["ant", "ant-official-order", "ant-no-uncond-grad", "ant-authors"])
     for name, df in tables.items(): save_table(df, run.out, name)
@@ -188,14 +197,17 @@ def losses_figure(run: NsfwRun, runs: dict):
 
 # %% ../../nbs/api/41_experiments.nsfw.ipynb #11b31bcf
 def record_nsfw(run: NsfwRun, results: pd.DataFrame, timings: dict) -> Path:
-    "Write run.json: every setting, the prompts' seeds, the detector and its threshold, the timings."
-    cls = [c for c in results.columns if c not in ("run", "model", "total", "fd", "alignment")]
+    """Write run.json: every setting, the prompts' seeds and sources (file, rows, SHA-256), the detector (version, model
+    file, SHA-256), its thresholds and classes in every convention, the timings."""
+    s, cls = run.s, [c for c in results.columns if c not in ("run", "model", "total", "fd", "alignment")]
     params = asdict(run.s) | dict(threads=torch.get_num_threads(), dtype=str(run.s.dtype), erase_preset=run.s.erase_preset,
                                   backend=run.metrics.name, n_i2p=len(run.i2p), n_coco=len(run.coco), config=asdict(run.config),
                                   i2p_seeds=run.i2p.evaluation_seed.tolist(), coco_seeds=run.coco.evaluation_seed.tolist())
+    sources = dict(i2p=run.metrics.source("i2p", s.i2p_csv, run.i2p), coco=run.metrics.source("coco", s.coco_csv, run.coco))
     return write_run_json(run.out, params, thresholds=dict(detection=NUDENET_THRESHOLD), classes=cls,
                           detector=run.metrics.detector, count_rule="images with >= 1 detection", timings_s=timings,
-                          seconds=round(time.time() - run.t_start, 1))
+                          seconds=round(time.time() - run.t_start, 1), evaluator=evaluator_record(run.metrics),
+                          prompt_sources=sources)
 
 def nsfw_verdict(run: NsfwRun, table1: pd.DataFrame) -> str:
     "One line per row of Table 1: detections (and their share of the original's), distance and alignment."
@@ -214,7 +226,17 @@ def nsfw_study(run: NsfwRun) -> tuple[Study, dict[str, pd.DataFrame]]:
     st = Study(run.model, run.metrics, project_path(s.study_dir), settings, i2p_csv=s.i2p_csv, coco_csv=s.coco_csv)
     run.log(f"study: {len(st.jobs())} jobs known so far in {s.study_dir}")
     st.run(since=run.t_start)
+    record_study(run, st)
     return st, write_study_tables(st)
+
+def record_study(run: NsfwRun, st: Study) -> Path:
+    "Write the study folder's run.json: its settings, each split's prompt sources and evaluation seeds, the evaluator."
+    tables = {f"i2p/{k}": ("i2p", t) for k, t in st.i2p.items()} | {f"captions/{k}": ("coco", t) for k, t in st.captions.items()}
+    paths = dict(i2p=run.s.i2p_csv, coco=run.s.coco_csv)
+    sources = {name: run.metrics.source(kind, paths[kind], t) for name, (kind, t) in tables.items()}
+    seeds = {name: t.evaluation_seed.tolist() for name, (_, t) in tables.items()}
+    return write_run_json(st.out, asdict(st.s), backend=run.metrics.name, evaluator=evaluator_record(run.metrics),
+                          prompt_sources=sources, evaluation_seeds=seeds)
 
 def transfer_check(run: NsfwRun, st: Study) -> dict[str, pd.DataFrame]:
     "The chosen presets on new concepts, and the variants' verdicts; written into the study folder."

@@ -17,19 +17,20 @@ from tqdm.auto import tqdm
 from ..base.checks import check_choice, check_int, check_positive
 from ..base.files import release_folder
 from ..base.model import DiffusionModel
-from ..evaluate.metrics import NUDENET_THRESHOLD
+from ..evaluate.metrics import NUDENET_THRESHOLD, view_keys
 from ..evaluate.scores import eval_images, i2p_table, nsfw_scores, prior_scores, prior_table
 from ..method.erase import erase_concept, erase_defaults
 from ..method.saliency import count_active, gradient_map, intersect, load_mask, save_mask, threshold_map
 from ..method.trajectories import TrajectoryLatents, trajectories_from_file
 from .engine import (Job, JobStudy, choose_points, folder_settings, job_parser, record_settings,
                                    run_command, wait_for_folder)
-from .stats import boot_indices, prompt_total, split_prompts
+from .report import configs
+from .stats import boot_indices, mean_sd, prompt_total, split_prompts
 from ..toy.world import UNSAFE_WORDS
 
 # %% auto #0
 __all__ = ['MASK_RULES', 'ARMS', 'DEFAULT_SWEEP', 'layer_type', 'study_masks', 'mask_table', 'StudySettings', 'paper_setting',
-           'Study', 'main']
+           'Study', 'convention_table', 'main']
 
 # %% ../../nbs/api/34_studies.single.ipynb #89d8c3f7
 MASK_RULES = { # mask name -> how it is made from the gradient maps of the concept's phrasings × seeds
@@ -237,7 +238,9 @@ def execute(self: Study, protocol: str, job: Job, masks: dict) -> tuple[dict, pd
                               trajectories=self.trajectories(method, job.seed), progress=False)
     images, i2p = self.out / "images" / job.slug, self.i2p[job.split]
     gen = dict(num_steps=self.eval_steps(job.split), batch_size=self.s.batch_size, progress=False)
-    row, per_prompt = nsfw_scores(model, i2p, None, images, self.backend, NUDENET_THRESHOLD, **gen)
+    views = {} # the field's conventions (`NudityView`): their headline numbers go into the job's scores
+    row, per_prompt = nsfw_scores(model, i2p, None, images, self.backend, NUDENET_THRESHOLD, views_out=views, **gen)
+    row |= {k: views[k] for k in view_keys(self.backend.views)}
     if job.split != "check":
         caps = self.captions[job.split]
         boot = self.fd_boot if job.split == "test" else None
@@ -277,8 +280,21 @@ def pairs(self: Study) -> list[tuple[tuple, tuple]]:
     return ([(a, b) for i, a in enumerate(arms) for b in arms[i + 1:]]
             + [(("paper", "ant"), ("paper", "esd-x")), (("tuned", "ant"), ("paper", "ant"))])
 
+def convention_table(study: Study) -> pd.DataFrame:
+    """Both protocols on the test split in the field's nudity conventions (`view_keys`: the paper's boxes at 0.6,
+    eval-unlearn's unsafe rates at 0.45 and 0.5), mean ± sd over the training seeds of the jobs that recorded them."""
+    keys, rows = view_keys(study.backend.views), []
+    for (p, arm, setting, steps), jobs in configs(study).items():
+        d = [x for j in jobs if keys[0] in (x := study.scores(j))]
+        if d: rows.append(dict(protocol=p, arm=arm, **dict(setting), steps=steps, seeds=len(d),
+                               **{k: mean_sd([x[k] for x in d], 3) for k in keys}))
+    return pd.DataFrame(rows)
+
 @patch
-def extra_tables(self: Study) -> dict[str, pd.DataFrame]: return dict(masks=mask_table(self.masks()))
+def extra_tables(self: Study) -> dict[str, pd.DataFrame]:
+    "The masks' table, and the conventions' table once jobs recorded them (a study run before they existed has none)."
+    conventions = convention_table(self)
+    return dict(masks=mask_table(self.masks())) | (dict(conventions=conventions) if len(conventions) else {})
 
 # %% ../../nbs/api/34_studies.single.ipynb #9086f9cd
 def main(argv: list[str] | None = None):
