@@ -13,7 +13,7 @@ from ant_nb.evaluate.robustness import attack_success, success_rate, toy_attack_
 from ant_nb.evaluate.backends import load_backend
 from ant_nb.base.model import encode_prompts, load_model
 from ant_nb.base.sampling import sample
-from ant_nb.toy.prompts import TOY_GUIDANCE
+from ant_nb.base.registry import TOY_GUIDANCE
 
 STEPS = 10 # DDIM steps of every image in these tests (the toy model draws the concept reliably at 10)
 SEEDS = [0, 1, 2, 3] # sampling seeds per adversarial prompt

@@ -17,7 +17,7 @@ from PIL import Image
 from ant_nb.base.model import load_model
 from ant_nb.base.sampling import sample
 from ant_nb.evaluate.metrics import NUDITY_VIEWS, UNSAFE_EXPOSED, nudenet_boxes, nudity_views
-from ant_nb.interop.unlearn import TECHNIQUES, AntNbTechnique, entry_points
+from ant_nb.interop.unlearn import AntNbTechnique, TECHNIQUES, entry_points
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_eval_unlearn = pytest.mark.skipif(importlib.util.find_spec("eval_unlearn") is None,

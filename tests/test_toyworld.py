@@ -15,8 +15,9 @@ from ant_nb.base.sampling import sample
 from ant_nb.toy.model import build_tokenizer, build_toy_components
 from ant_nb.toy.train import ToyTrainConfig, export_toy_model, train_toy_model, world_batch
 from ant_nb.toy.prompts import toy_art, toy_celebrity, toy_coco, toy_i2p, world_words
+from ant_nb.toy.grammar import caption
 from ant_nb.toy.world import (CHARACTERS, CHARACTERS_ERASE, CHARACTERS_PRESERVE, FULL_STYLES, STYLES, UNSAFE_WORDS,
-                              caption, render)
+                              render)
 
 from conftest import diffusers_loop
 

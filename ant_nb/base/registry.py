@@ -10,11 +10,13 @@ from pathlib import Path
 from .files import project_path
 
 # %% auto #0
-__all__ = ['TOY_MODELS', 'TOY_DEFAULT', 'TOY_JUDGES', 'is_toy_model', 'toy_name', 'toy_model_dir', 'toy_judge_path']
+__all__ = ['TOY_MODELS', 'TOY_DEFAULT', 'TOY_GUIDANCE', 'TOY_JUDGES', 'is_toy_model', 'toy_name', 'toy_model_dir',
+           'toy_judge_path']
 
-# %% ../../nbs/api/03_base.registry.ipynb #7fa01779
+# %% ../../nbs/api/03_base.registry.ipynb #9fdc07b3
 TOY_MODELS = {"toy-v1": "data/toyworld/model", "toy-v2": "data/toyworld/model-v2"} # name -> folder in the project
 TOY_DEFAULT = "toy-v1" # the toy model that "toy" names
+TOY_GUIDANCE = 2.5 # the toy models' CFG scale: 1.5-2.5 sample equally well, 3 and above saturate (outputs/toyworld)
 TOY_JUDGES = {"toy-v1": "data/toyworld/judge.safetensors", # name -> the judge that reads its images (`ant_nb.toy.judges`):
               "toy-v2": "data/toyworld/judge-v2.safetensors"} # v2 knows the full-size families (200 characters, 40 styles)
 

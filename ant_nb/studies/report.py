@@ -38,7 +38,7 @@ def outcomes(study: JobStudy, jobs: list[Job]) -> np.ndarray:
     "(seeds, prompts) per-prompt values of finished jobs."
     return np.stack([study.values(study.per_prompt(j)) for j in jobs])
 
-# %% ../../nbs/api/33_studies.report.ipynb #5f9e06e2
+# %% ../../nbs/api/33_studies.report.ipynb #1cb12832
 def sweep_table(study: JobStudy) -> pd.DataFrame:
     """The validation sweep: every point's scores, which were chosen, and whether a chosen point is at the edge of its
     arm's sweep (`at_edge`: the best may lie beyond it; extend the sweep on validation)."""
@@ -49,10 +49,17 @@ def sweep_table(study: JobStudy) -> pd.DataFrame:
         if p != "sweep": continue
         d = study.scores(jobs[0])
         tried = study.sweep.get(arm, [])
-        rows.append(dict(arm=arm, **dict(setting), steps=steps, **{k: v for k, v in d.items() if k not in _NOT_SHOWN},
-                         chosen=(arm, setting) in picked,
-                         at_edge=(arm, setting) in picked and setting in (tried[0], tried[-1])))
+        rows.append(dict(arm=arm, configurations=len(tried), **dict(setting), steps=steps,
+                         **{k: v for k, v in d.items() if k not in _NOT_SHOWN}, chosen=(arm, setting) in picked,
+                         at_edge=(arm, setting) in picked and _at_edge(setting, tried)))
     return pd.DataFrame(rows)
+
+def _at_edge(setting: tuple, tried: list[tuple]) -> bool:
+    "Whether any knob of `setting` that took several values in `tried` is at its smallest or largest."
+    for i, (_, v) in enumerate(setting):
+        values = {s[i][1] for s in tried}
+        if len(values) > 1 and v in (min(values), max(values)): return True
+    return False
 
 def _setting(study: JobStudy, row: dict) -> tuple:
     "The setting tuple of a chosen point's row (its knob columns, in the arm's sweep order)."

@@ -22,7 +22,7 @@ from ant_nb.evaluate.backends import load_backend
 from ant_nb.base.files import project_path
 from ant_nb.base.report import save_table
 from ant_nb.base.sampling import sample
-from ant_nb.toy.prompts import TOY_GUIDANCE
+from ant_nb.base.registry import TOY_GUIDANCE
 from ant_nb.toy.world import CHARACTERS, FULL_CHARACTERS
 
 TRAITS = ("body colour", "hat colour", "outline", "belt")  # the fields of a FULL_CHARACTERS value, in order

@@ -33,7 +33,8 @@ from ant_nb.base.report import save_table
 from ant_nb.toy.model import UNET_CONFIG, build_toy_components
 from ant_nb.toy.train import world_batch
 from ant_nb.toy.prompts import WorldMix
-from ant_nb.toy.world import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, caption
+from ant_nb.toy.grammar import caption
+from ant_nb.toy.world import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES
 
 THIRDS = (slice(0, 11), slice(11, 21), slice(21, 32))  # image columns of the left, middle and right third
 FOUR_LEVELS = dict(block_out_channels=(32, 64, 96, 96),

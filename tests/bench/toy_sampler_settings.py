@@ -17,7 +17,7 @@ from ant_nb.toy.judges import load_judge
 from ant_nb.base.files import project_path
 from ant_nb.base.report import save_table
 from ant_nb.studies.quality import quality_report
-from ant_nb.toy.prompts import TOY_GUIDANCE
+from ant_nb.base.registry import TOY_GUIDANCE
 
 SETTINGS = {  # name: (quality_report keywords, scheduler config changes)
     f"default (DDIM 50, guidance {TOY_GUIDANCE:g})": ({}, {}),

@@ -1,0 +1,88 @@
+"""What each difference between the official ANT-fusion code and the package's toy preset changes (issue 24).
+
+Starting from the `"official"` preset (`ant_nb.method.multi.multi_preset`), each row reverts one setting to the toy
+preset's value; the last row is the toy preset itself. Every row erases the multi-concept study's characters (or
+styles) at training seed `--seed` and is scored on the study's validation split (`ant_nb.studies.multi.MultiStudy`,
+80 prompts), so rows differ in one setting only. Runs that differ only in the fusion share their LoRAs. Writes
+`outputs/fidelity/ablation_<kind>.{csv,md}`; a killed run resumes (each row's models and images stay in
+`--work`), and an existing table is never overwritten.
+
+    OMP_NUM_THREADS=1 python tests/bench/fidelity_ablation.py --kind celebrity --work /tmp/fidelity
+"""
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ant_nb.base.files import project_path
+from ant_nb.base.model import load_model
+from ant_nb.base.report import save_table
+from ant_nb.evaluate.backends import load_backend
+from ant_nb.evaluate.scores import eval_images
+from ant_nb.method.multi import erase_concepts
+from ant_nb.method.presets import multi_preset
+from ant_nb.studies.multi import MultiStudy, MultiStudySettings
+
+
+def variants(kind: str) -> dict[str, dict]:
+    "Row name -> `erase_concepts` settings: the official preset, one setting reverted per row, and the toy preset."
+    off, toy = multi_preset("official", kind, True), multi_preset("toy", kind, True)
+    fusion = lambda **k: dict(off, fusion=replace(off["fusion"], **k))
+    rows = {"official": off,
+            "lora_scale 4.3 -> 1": fusion(lora_scale=1.0),
+            "beta_domain -> 1": fusion(beta_domain=toy["fusion"].beta_domain),
+            "beta_prior 2e-12 -> 1": fusion(beta_prior=toy["fusion"].beta_prior),
+            "lamb 0 -> 0.01": fusion(lamb=toy["fusion"].lamb),
+            "positions all -> from_concept": fusion(positions=toy["fusion"].positions),
+            "LoRA prompts: bare name -> templates": dict(off, templates=toy["templates"]),
+            "LoRA rank 64 all layers -> rank 4 K/V": dict(off, lora=toy["lora"]),
+            "steps 10 -> 20": dict(off, steps=toy["steps"]),
+            "lr 5e-4 -> 5e-3": dict(off, lr=toy["lr"]),
+            "loss t'=46, lambdas (2, 2.5, 5) -> Table 6": dict(off, loss_config=toy["loss_config"]),
+            "LoRA batch 2 -> 1": dict(off, lora_batch=toy["lora_batch"]),
+            "AdamW -> Adam": dict(off, optimizer=toy["optimizer"]),
+            "trajectory CFG 2.5 -> 3": dict(off, trajectory_guidance=toy["trajectory_guidance"]),
+            "toy preset": toy}
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kind", default="celebrity", choices=["celebrity", "art"])
+    p.add_argument("--model", default="toy")
+    p.add_argument("--seed", type=int, default=1000, help="training seed (the study's validation seed)")
+    p.add_argument("--work", required=True, help="folder of the rows' models, LoRAs, trajectories and images")
+    p.add_argument("--rows", nargs="*", help="only these rows (default: all)")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    out = project_path("outputs/fidelity")
+    if (out / f"ablation_{a.kind}.csv").exists(): raise FileExistsError(f"{out}/ablation_{a.kind}.csv exists")
+    work = Path(a.work)
+    model = load_model(a.model)
+    st = MultiStudy(model, load_backend(model), work / "study",
+                    MultiStudySettings.for_kind(a.kind, allow_leaks=True, official_methods=[]))
+    table, gram, x = st.tables["validation"], st.prepare(), st.x
+    results = []
+    for name, kw in variants(a.kind).items():
+        if a.rows and name not in a.rows: continue
+        t0, slug = time.time(), "".join(ch if ch.isalnum() else "_" for ch in name)
+        erased = erase_concepts(model, st.erase, st.keep, "ant-fusion", work / "models" / slug, prior_prompts=gram,
+                                seed=a.seed, trajectory_dir=work / "trajectories", lora_dir=work / "loras",
+                                progress=False, **kw)
+        images = eval_images(erased, table, work / "images" / slug, x["guidance_scale"], x["num_steps"],
+                             x["batch_size"], progress=False)
+        values = st.outcomes(images, table)
+        row = dict(row=name, **{k: round(float(f(values)), 4) for k, f in st.stats["validation"].items()},
+                   seconds=round(time.time() - t0, 1))
+        results.append(row)
+        print(row, flush=True)
+    df = pd.DataFrame(results).assign(kind=a.kind, model=a.model, seed=a.seed, prompts=len(table))
+    save_table(df, out, f"ablation_{a.kind}")
+    print(df.to_string())
+
+
+if __name__ == "__main__":
+    main()
