@@ -15,8 +15,9 @@ TINY = {
     "30_celebrity.ipynb": dict(methods=["ant-fusion"], ablations=["C"], steps=1, cache_size=1, per_concept=1,
                                n_prior=2, num_steps=2, study=True,
                                study_settings=dict(n_test_templates=1, n_validation_templates=1, n_test_captions=2,
-                                                   steps=1, sweep={"uce": [0.3, 3.0], "ant-fusion": [5e-3]},
+                                                   steps=1, sweep={"uce": [0.3], "ant-fusion": [5e-3]}, allow_leaks=True,
                                                    tuned_methods=["uce", "ant-fusion"], paper_methods=["uce"],
+                                                   official_methods=["uce"],
                                                    test_seeds=[0, 1], n_boot=20, n_check_templates=1, check_steps=3,
                                                    overrides=dict(cache_size=1, num_steps=2, n_prior=2,
                                                                   loss_config=dict(t_prime=2, num_steps=4)))),
@@ -87,7 +88,7 @@ def test_presets_lookalikes_and_grid_columns():
     from ant_nb.experiments.concepts import ablation_rows, grid_concepts
     from ant_nb.studies.presets import experiment_settings, lookalikes
     from ant_nb.toy.world import CHARACTERS_ERASE, CHARACTERS_PRESERVE
-    s = experiment_settings("celebrity", "paper", steps=10, lr=None)
+    s = experiment_settings("celebrity", "paper", toy=False, steps=10, lr=None)
     assert (s["steps"], s["templates"], s["loss_config"].t_prime, s["n_prior"]) == (10, "celebrity", 40, 1000)
     toy = experiment_settings("art")
     assert (toy["templates"], toy["steps"], toy["per_concept"], toy["num_steps"], toy["guidance_scale"]) == ("toy-style", 20, 2, 20, 2.5)

@@ -13,7 +13,7 @@ import torch
 
 # %% auto #0
 __all__ = ['check_choice', 'check_positive', 'check_range', 'check_nonempty_unique', 'check_int', 'check_strings',
-           'check_prompts', 'check_seeds', 'check_images', 'settings_from', 'check_device']
+           'check_concept_groups', 'check_prompts', 'check_seeds', 'check_images', 'settings_from', 'check_device']
 
 # %% ../../nbs/api/00_base.checks.ipynb #faa10c62
 def check_choice(name: str, # parameter name, as the user wrote it
@@ -59,7 +59,7 @@ def check_nonempty_unique(name: str, # parameter name
     if dups: raise ValueError(f"{name} has duplicates {dups}; give each item once")
     return values
 
-# %% ../../nbs/api/00_base.checks.ipynb #5254bd3b
+# %% ../../nbs/api/00_base.checks.ipynb #df8f6c37
 def check_int(name: str, # parameter name, as the user wrote it
               value, # value given
               lo: int, # smallest allowed value (inclusive)
@@ -79,6 +79,17 @@ def check_strings(name: str, # parameter name
     bad = [v for v in values if not isinstance(v, str) or not v.strip()]
     if bad: raise ValueError(f"{name} contains {bad[:3]!r}; give non-empty strings")
     return values
+
+def check_concept_groups(concepts: Iterable[str], # concepts to erase
+                         preserve: Iterable[str] | None, # concepts to keep (None or empty: none)
+                        ) -> tuple[list[str], list[str]]:
+    "`concepts` and `preserve` as lists of distinct non-empty strings with no concept in both, else raise."
+    concepts = check_strings("concepts", concepts)
+    empty = preserve is None or (not isinstance(preserve, str) and len(preserve) == 0)
+    preserve = [] if empty else check_strings("preserve", preserve)
+    both = sorted(set(concepts) & set(preserve))
+    if both: raise ValueError(f"preserve contains {both[:5]} which are also in concepts; a concept is either erased or preserved")
+    return concepts, preserve
 
 # %% ../../nbs/api/00_base.checks.ipynb #b8737bd1
 def check_prompts(prompts: Iterable[str], # N prompts ("" is the unconditional prompt; repeats are allowed)
