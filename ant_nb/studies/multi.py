@@ -46,18 +46,20 @@ def statistics(kind: str, # "celebrity" or "art"
     harmonic = (lambda v: _h_c(erased(v), kept(v))) if kind == "celebrity" else (lambda v: kept(v) - erased(v))
     return {e_name: erased, p_name: kept, h_name: harmonic}
 
-# %% ../../nbs/api/36_studies.multi.ipynb #d7ab81ff
+# %% ../../nbs/api/36_studies.multi.ipynb #2948971b
 _FUSION_KNOBS = ("lr", "eta", "lora_scale", "beta_prior", "beta_domain", "lamb")
 MULTI_KNOBS = { # method -> the strength knobs its sweep may set: the learning rate, ESD's η (`AntLossConfig.eta`), and
     # the `FusionSettings` of Eq. 7 and UCE ("beta" sets UCE's β_prior and β_domain together)
     "esd-x": ("lr", "eta"), "uce": ("beta", "beta_prior", "beta_domain", "lamb"),
-    "mace-fusion": _FUSION_KNOBS, "ant-fusion": _FUSION_KNOBS}
+    "mace-fusion": _FUSION_KNOBS, "ant-fusion": _FUSION_KNOBS,
+    "mace": ("lr", "steps", "cfr_domain", "fuse_domain", "fuse_prior", "lamb")} # `MaceSettings` fields
 
 DEFAULT_MULTI_SWEEP = { # method -> {knob: values}: every combination is tried on validation, 8 per method
     "esd-x": {"lr": [3e-5, 1e-4, 3e-4, 1e-3], "eta": [1.0, 2.0]},
     "uce": {"beta_prior": [0.1, 1.0], "beta_domain": [0.3, 1.0, 3.0, 10.0]},
     "mace-fusion": {"lr": [2.5e-3, 1e-2], "lora_scale": [1.0, 4.3], "beta_domain": [1.0, 20.0]},
-    "ant-fusion": {"lr": [2.5e-3, 1e-2], "lora_scale": [1.0, 4.3], "beta_domain": [1.0, 20.0]}}
+    "ant-fusion": {"lr": [2.5e-3, 1e-2], "lora_scale": [1.0, 4.3], "beta_domain": [1.0, 20.0]},
+    "mace": {"lr": [1e-4, 1e-3], "cfr_domain": [2e-3, 2e-1], "fuse_domain": [2.0, 20.0]}}
 
 KIND_SIZES = { # kind -> templates per split (the training templates excluded): 220 test, 80 validation and 80 check
     # prompts (20 characters); 220, 80 and 80 (10 styles)
@@ -82,12 +84,13 @@ def job_settings(x: dict, # `MultiStudySettings.experiment(...)`
                 ) -> dict:
     "`erase_concepts` keyword arguments of one job: the experiment's for `method`, with the job's knobs."
     kw, k = erase_kwargs(x, method), dict(setting)
+    if method == "mace": return kw | dict(mace=replace(kw["mace"], **{n: int(v) if n == "steps" else v for n, v in k.items()}))
     if "beta" in k: k |= dict(beta_prior=k["beta"], beta_domain=k.pop("beta"))
     kw["fusion"] = replace(kw["fusion"], **{n: k.pop(n) for n in ("lora_scale", "beta_prior", "beta_domain", "lamb") if n in k})
     if "eta" in k: kw["loss_config"] = replace(kw["loss_config"], eta=k.pop("eta"))
     return kw | k # k: the learning rate, if swept
 
-# %% ../../nbs/api/36_studies.multi.ipynb #991c798a
+# %% ../../nbs/api/36_studies.multi.ipynb #69808fb8
 @dataclass
 class MultiStudySettings:
     "What a Tables 2/3 study runs (defaults: the toy world on a CPU, a few hours of one core)."
@@ -105,12 +108,13 @@ class MultiStudySettings:
     steps: int | None = None # training steps per concept of the tuned protocol (None: the preset's)
     sweep: dict = field(default_factory=lambda: dict(DEFAULT_MULTI_SWEEP)) # method -> {knob: values} (`sweep_grid`)
     tuned_methods: list = field(default_factory=lambda: list(DEFAULT_MULTI_SWEEP)) # chosen points run on test
-    paper_methods: list = field(default_factory=lambda: list(DEFAULT_MULTI_SWEEP)) # published settings, on test
+    paper_methods: list = field(default_factory=lambda: ["esd-x", "uce", "mace-fusion", "ant-fusion"]) # the paper's
+    # settings, on test (MACE's own are its official protocol)
     paper_settings: dict = field(default_factory=dict) # method -> {strength, steps} replacing its published setting
     val_seed: int = 1000 # training seed of the sweep
     test_seeds: list = field(default_factory=lambda: [0, 1, 2]) # training seeds of the tuned points on test
     paper_seeds: list = field(default_factory=lambda: [0]) # training seeds of the paper and official protocols on test
-    official_methods: list = field(default_factory=lambda: ["ant-fusion", "uce"]) # run as their authors' code does
+    official_methods: list = field(default_factory=lambda: ["ant-fusion", "uce", "mace"]) # as their authors' code runs
     # (the `"official"` preset; UCE without preserved names), on test
     allow_leaks: bool = False # True: report test or validation prompts whose encoder states at the name's tokens equal
     # a training prompt's instead of refusing to run (the toy-v1 model names characters only after "a portrait of")
@@ -231,11 +235,14 @@ class MultiStudy(JobStudy):
         "The Gram cache of the preservation captions (every fusion's prior term)."
         return gram_from_prompts(self.model, self.prior.prompt.tolist(), progress=False)
 
-# %% ../../nbs/api/36_studies.multi.ipynb #e8b029fc
+# %% ../../nbs/api/36_studies.multi.ipynb #a6edd29f
 @patch
 def _job(self: MultiStudy, split: str, method: str, setting: tuple, seed: int, steps: int | None = None) -> Job:
-    "A job of `method` (\"uce@official\": the method at its authors' settings): UCE neither trains nor draws (no steps, no seed)."
-    if method.partition("@")[0] == "uce": return Job(split, method, setting)
+    """A job of `method` (\"uce@official\": the method at its authors' settings): UCE neither trains nor draws (no steps, no
+    seed); MACE's steps are its LoRAs' (`MaceSettings.steps`)."""
+    base, _, recipe = method.partition("@")
+    if base == "uce": return Job(split, method, setting)
+    if base == "mace": steps = dict(setting).get("steps", (self.official if recipe else self.x)["mace"].steps)
     return Job(split, method, setting, int(steps) if steps else self.x["steps"], seed)
 
 @patch
@@ -268,7 +275,7 @@ def jobs(self: MultiStudy) -> list[tuple[str, Job]]:
         if check and self.scores(tuned[0]) is not None: out.append(("tuned", replace(tuned[0], split="check")))
     return out
 
-# %% ../../nbs/api/36_studies.multi.ipynb #493a848b
+# %% ../../nbs/api/36_studies.multi.ipynb #7d9f8c85
 @patch
 def erased(self: MultiStudy, job: Job, gram) -> DiffusionModel:
     """The model erased by `job`'s method at its setting, steps and seed (its run folder: models/<job>; a check job's is
@@ -280,7 +287,7 @@ def erased(self: MultiStudy, job: Job, gram) -> DiffusionModel:
     keep = [] if official and method == "uce" else self.keep
     return erase_concepts(self.model, self.erase, keep, method, folder, prior_prompts=gram, seed=job.seed or 0,
                           trajectory_dir=self.out / "trajectories", lora_dir=self.out / "loras", progress=False,
-                          **kw | dict(steps=job.steps or kw["steps"]))
+                          **kw | ({} if method == "mace" else dict(steps=job.steps or kw["steps"])))
 
 @patch
 def outcomes(self: MultiStudy, images: np.ndarray, table: pd.DataFrame) -> np.ndarray:

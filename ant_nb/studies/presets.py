@@ -12,7 +12,7 @@ from ..method.presets import KINDS, MULTI_PRESETS, multi_preset
 # %% auto #0
 __all__ = ['PRESETS', 'experiment_settings', 'erase_kwargs', 'lookalikes']
 
-# %% ../../nbs/api/35_studies.presets.ipynb #d6e75b7c
+# %% ../../nbs/api/35_studies.presets.ipynb #02d85104
 PRESETS = MULTI_PRESETS # "toy", "paper", "official": `ant_nb.method.multi.multi_preset` holds their erasure settings
 
 def experiment_settings(kind: str, # "celebrity" or "art"
@@ -32,7 +32,7 @@ def experiment_settings(kind: str, # "celebrity" or "art"
     return s | given | dict(preset=preset, kind=kind, toy=toy, overridden=tuple(sorted(given)))
 
 _ERASE_KEYS = ("templates", "fusion_templates", "loss_config", "steps", "lr", "lora", "cache_size", "lora_batch",
-               "trajectory_guidance", "optimizer", "fusion")
+               "trajectory_guidance", "optimizer", "fusion", "mace")
 
 def erase_kwargs(settings: dict, # `experiment_settings(...)`
                  method: str = "ant-fusion", # the method they are for (the official preset is each method's own code)
