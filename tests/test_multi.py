@@ -15,6 +15,7 @@ import torch
 from ant_nb.method.fusion import GramCache, closed_form_fuse
 from ant_nb.method.lora import LoraSettings, lora_deltas
 from ant_nb.method.losses import AntLossConfig
+from ant_nb.method.mace import MaceSettings
 from ant_nb.method.fusion import EDIT_FILE, FusionSettings, load_edit
 from ant_nb.method.multi import erase_concepts
 from ant_nb.method.presets import MULTI_METHODS
@@ -22,7 +23,9 @@ from ant_nb.base.files import LOCK_FILE
 from _locks import held_by_another_process
 
 ROOT = Path(__file__).resolve().parents[1]
-KW = dict(templates=["{} x", "x {} y"], prior_prompts=["gh ij", "kl", "mn op q"], steps=3, cache_size=2,
+TINY_MACE = MaceSettings(templates=("{} x", "x {} y"), image_prompts=("{} x",), n_images=1, sample_steps=2, steps=2,
+                         lamb=1e-3)  # λ > 0: the tiny encoder's 32 dimensions leave MACE's λ = 0 solve singular
+KW = dict(templates=["{} x", "x {} y"], prior_prompts=["gh ij", "kl", "mn op q"], steps=3, cache_size=2, mace=TINY_MACE,
           loss_config=AntLossConfig(t_prime=3, num_steps=5, lambda1=0.4, lambda2=0.5, lambda3=0.2), progress=False)
 
 

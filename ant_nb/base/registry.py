@@ -10,12 +10,14 @@ from pathlib import Path
 from .files import project_path
 
 # %% auto #0
-__all__ = ['TOY_MODELS', 'TOY_DEFAULT', 'TOY_GUIDANCE', 'TOY_JUDGES', 'is_toy_model', 'toy_name', 'toy_model_dir',
-           'toy_judge_path']
+__all__ = ['TOY_MODELS', 'TOY_DEFAULT', 'TOY_GRAMMAR_MODELS', 'TOY_GUIDANCE', 'TOY_JUDGES', 'is_toy_model', 'is_grammar_model',
+           'toy_name', 'toy_model_dir', 'toy_judge_path']
 
-# %% ../../nbs/api/03_base.registry.ipynb #9fdc07b3
+# %% ../../nbs/api/03_base.registry.ipynb #c4d7774e
 TOY_MODELS = {"toy-v1": "data/toyworld/model", "toy-v2": "data/toyworld/model-v2"} # name -> folder in the project
 TOY_DEFAULT = "toy-v1" # the toy model that "toy" names
+TOY_GRAMMAR_MODELS = () # toy models trained on the caption grammar's phrasings (`ant_nb.toy.grammar`), not only the
+# canonical caption: their studies evaluate the other phrasings too
 TOY_GUIDANCE = 2.5 # the toy models' CFG scale: 1.5-2.5 sample equally well, 3 and above saturate (outputs/toyworld)
 TOY_JUDGES = {"toy-v1": "data/toyworld/judge.safetensors", # name -> the judge that reads its images (`ant_nb.toy.judges`):
               "toy-v2": "data/toyworld/judge-v2.safetensors"} # v2 knows the full-size families (200 characters, 40 styles)
@@ -23,6 +25,10 @@ TOY_JUDGES = {"toy-v1": "data/toyworld/judge.safetensors", # name -> the judge t
 def is_toy_model(source) -> bool:
     "Whether `source` (a `load_model` source or a `DiffusionModel.source`) names a shipped toy model."
     return isinstance(source, str) and (source == "toy" or source in TOY_MODELS)
+
+def is_grammar_model(source) -> bool:
+    "Whether `source` names a shipped toy model trained on the caption grammar (`TOY_GRAMMAR_MODELS`)."
+    return is_toy_model(source) and toy_name(source) in TOY_GRAMMAR_MODELS
 
 def toy_name(name: str, # "toy" or a key of `TOY_MODELS`
             ) -> str:
