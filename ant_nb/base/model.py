@@ -130,6 +130,7 @@ def _backbone(location: str, is_local: bool) -> str:
     if _has_part(location, is_local, "transformer"): return "sd3"
     return "sdxl" if _has_part(location, is_local, "text_encoder_2") else "sd"
 
+# %% ../../nbs/api/04_base.model.ipynb #1d39a671
 def _scheduler(location: str, kind: str):
     "SD: a `DDIMScheduler` from the folder's config (the paper's sampler); SDXL, SD3: the folder's own scheduler class."
     config = DDIMScheduler.load_config(location, subfolder="scheduler")
