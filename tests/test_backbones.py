@@ -76,3 +76,40 @@ def test_flow_matching_timesteps_are_sigmas(sd3_dir):
     model = load_model(str(sd3_dir))
     ts = paper_timesteps(model.scheduler, 4)
     assert ts.dtype == torch.float32 and ts[0].item() == 1000.0 and bool((ts[:-1] > ts[1:]).all())
+
+
+def _state(pipe) -> dict[str, dict]:
+    "Every weight of a pipeline, by component and parameter name."
+    parts = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+    return {c: {n: p.detach().clone() for n, p in getattr(pipe, c).state_dict().items()}
+            for c in parts if getattr(pipe, c, None) is not None}
+
+
+@pytest.mark.parametrize("kind,method", [("sdxl", "esd-x"), ("sdxl", "ant"), ("sd3", "esd-x"), ("sd3", "ant-text")])
+def test_erase_save_load_in_the_plain_pipeline(kind, method, sdxl_dir, sd3_dir, tmp_path):
+    """Erase -> save -> load with the plain diffusers pipeline: the concept prompt's images change, and the folder
+    differs from the original only in the trained weights (same components, same scheduler config)."""
+    from ant_nb.method.erase import erase_concept
+    from ant_nb.method.losses import AntLossConfig, trainable_names
+    from ant_nb.method.saliency import parameter_mask
+    folder, base = (sdxl_dir if kind == "sdxl" else sd3_dir), ("ant" if method == "ant-text" else method)
+    model = load_model(str(folder))
+    # ANT on SD3's text stream: a mask of the ESD-x set (text keys and values, context_embedder)
+    mask = parameter_mask(model.unet, trainable_names(model.unet, "esd-x")) if method == "ant-text" else None
+    out = tmp_path/"erased"
+    erase_concept(model, ["a red cat"], method=base, mask=mask, iterations=3, lr=5e-2,
+                  config=AntLossConfig(num_steps=4, t_prime=2), cache_size=2, progress=False, out_dir=out)
+    pipe_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusion3Pipeline
+    before, after = pipe_cls.from_pretrained(folder), pipe_cls.from_pretrained(out)
+    assert dict(before.scheduler.config) == dict(after.scheduler.config)
+    assert type(before.scheduler) is type(after.scheduler)
+    sb, sa = _state(before), _state(after)
+    assert sb.keys() == sa.keys()
+    denoiser = "unet" if kind == "sdxl" else "transformer"
+    trained = set(trainable_names(getattr(before, denoiser), "esd-x" if method == "ant-text" else base))
+    for comp in sb:
+        changed = {n for n in sb[comp] if not torch.equal(sb[comp][n], sa[comp][n])}
+        if comp != denoiser: assert not changed, (comp, sorted(changed)[:3])
+        else: assert changed and changed <= trained, sorted(changed - trained)[:3]
+    imgs = [_pipeline_images(p, ["a red cat"], [0], 4, 5.0) for p in (before, after)]
+    assert np.abs(imgs[0] - imgs[1]).max() > 1e-3
