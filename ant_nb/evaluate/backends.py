@@ -17,7 +17,7 @@ from ..base.checks import check_choice, check_positive
 from ..base.model import DiffusionModel
 from ..base.registry import is_toy_model
 from .data import celebrity_names, load_artist, load_celebrity, load_coco, load_i2p
-from .metrics import (CLIP_MODEL, NUDENET_CLASSES, NUDENET_THRESHOLD, NUDITY_CLASSES, clip_identify,
+from .metrics import (CLIP_MODEL, clip_features, NUDENET_CLASSES, NUDENET_THRESHOLD, NUDITY_CLASSES, clip_identify,
                                      clip_score, clip_scores, faces_found, fid, frechet_from_features, load_clip,
                                      load_photos, nudenet_detect, nudity_counts)
 from .robustness import NUDITY_PAIRS, i2p_attack_tasks, toy_attack_tasks
@@ -26,7 +26,8 @@ from ..toy.prompts import TOY_GUIDANCE, toy_art, toy_celebrity, toy_coco, toy_i2
 from ..toy.world import CHARACTERS_ERASE, FULL_CHARACTERS, STYLES_ERASE, render
 
 # %% auto #0
-__all__ = ['KINDS', 'BACKENDS', 'Backend', 'reference_images', 'ToyBackend', 'RealBackend', 'load_backend', 'attack_groups']
+__all__ = ['KINDS', 'FID_FEATURES', 'BACKENDS', 'Backend', 'reference_images', 'ToyBackend', 'RealBackend', 'load_backend',
+           'attack_groups']
 
 # %% ../../nbs/api/29_evaluate.backends.ipynb #19c5c1eb
 class Backend(Protocol):
@@ -176,6 +177,8 @@ def _toy_attack_group(concepts: list[str], n: int, n_pairs: int, seed: int) -> d
     return dict(tasks=tasks, pairs=(pairs.concept_prompt.tolist(), pairs.benign_prompt.tolist()))
 
 # %% ../../nbs/api/29_evaluate.backends.ipynb #a8a4a138
+FID_FEATURES = ("inception", "clip") # the feature extractors `RealBackend` computes FID with
+
 class RealBackend:
     "NudeNet, CLIP (loaded on first use), FID against `photos` and OpenCV faces; the paper's prompt files."
     name, grid_scale, detector = "real", 1, "NudeNet 3.4 (320n.onnx)"
@@ -189,8 +192,10 @@ class RealBackend:
     def __init__(self, clip=None, # (model, processor), a CLIP hub id / folder, or None (`CLIP_MODEL`)
                  device: str = "cpu", # where CLIP runs
                  photos: str | Path | None = None, # folder of reference photos for FID (None: no FID)
+                 fid_features: str = "inception", # FID's features: "inception" (the paper's) or "clip" (CLIP image embeddings)
                 ):
         self._clip, self.device, self.photos, self._reference = clip, device, photos, {}
+        self.fid_features = check_choice("fid_features", fid_features, FID_FEATURES)
 
     @property
     def clip(self):
@@ -226,7 +231,8 @@ class RealBackend:
         key = names or len(table)
         if key not in self._reference:
             self._reference[key] = load_photos(self.photos, len(table), names=names)
-        return fid(self._reference[key], images, device=self.device, progress=progress)
+        feature = 2048 if self.fid_features == "inception" else clip_features(self.clip)
+        return fid(self._reference[key], images, feature=feature, device=self.device, progress=progress)
 
     def check_prior(self, table): pass
     def identify(self, images, names): return clip_identify(images, names, self.clip)
@@ -253,11 +259,12 @@ def load_backend(model: DiffusionModel | str, # the model, or its id as `ant_nb.
                  clip=None, # real: (model, processor) or a CLIP hub id / folder (None: `CLIP_MODEL`, loaded on first use)
                  photos: str | Path | None = None, # real: folder of reference photos for FID
                  name: str | None = None, # "toy" or "real" to override the choice made from the model
+                 fid_features: str = "inception", # real: FID's features, "inception" or "clip" (`RealBackend`)
                 ) -> ToyBackend | RealBackend:
     "The backend that scores `model`'s images: the toy judge for the toy world's model, else NudeNet + CLIP + FID."
     if name is None: name = "toy" if is_toy_model(getattr(model, "source", model)) else "real"
     check_choice("name", name, BACKENDS)
-    if name == "real": return RealBackend(clip, device, photos)
+    if name == "real": return RealBackend(clip, device, photos, fid_features)
     source = getattr(model, "source", model)
     return ToyBackend(load_judge(judge_path, source if is_toy_model(source) else "toy"))
 
