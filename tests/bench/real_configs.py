@@ -75,7 +75,7 @@ def build_sd14(path: str | Path, seed: int = 0) -> Path:
         unet = UNet2DConditionModel(**SD14_UNET).eval()
         text = CLIPTextModel(CLIPTextConfig(**CLIP_L)).eval()
         vae = AutoencoderKL(**SD_VAE).eval()
-    model = DiffusionModel(unet, text, sd_vocab_tokenizer(), PNDMScheduler(**SD14_SCHEDULER), vae, source="sd14-shaped")
+    model = DiffusionModel(unet, text, sd_vocab_tokenizer(), PNDMScheduler.from_config(SD14_SCHEDULER), vae, source="sd14-shaped")
     return save_model(model, path)
 
 
