@@ -1,5 +1,7 @@
 """SDXL and SD3 (flow matching) through the package: loading, the sampler against the diffusers pipelines' own images,
 Eq. 1-2 on both, Eq. 3 in velocity space, and single-concept erasure that round-trips through the plain pipelines."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,33 @@ def test_erase_save_load_in_the_plain_pipeline(kind, method, sdxl_dir, sd3_dir, 
         else: assert changed and changed <= trained, sorted(changed - trained)[:3]
     imgs = [_pipeline_images(p, ["a red cat"], [0], 4, 5.0) for p in (before, after)]
     assert np.abs(imgs[0] - imgs[1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+def test_nsfw_notebook_accepts_the_backbone(kind, sdxl_dir, sd3_dir, shared_data, tmp_path, monkeypatch):
+    """`-p model_id` of 20_nsfw takes an SDXL or SD3 folder: the whole notebook runs with the real backend (NudeNet; a
+    tiny CLIP for the CLIP score and FID's features), ESD-x and ANT with its saliency mask, gradient checkpointing on."""
+    import json
+    import papermill as pm
+    from PIL import Image
+
+    from ant_nb.base.testing import tiny_clip
+    from ant_nb.evaluate.data import load_coco
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    clip, proc = tiny_clip()
+    clip.save_pretrained(tmp_path/"clip"); proc.save_pretrained(tmp_path/"clip")
+    (tmp_path/"photos").mkdir()
+    for i, coco_id in enumerate(load_coco(shared_data/"coco_30k.csv").head(2).coco_id):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(tmp_path/"photos"/f"{coco_id}.png")
+    params = dict(model_id=str(sdxl_dir if kind == "sdxl" else sd3_dir), backend="real", preset="paper",
+                  i2p_csv=str(shared_data/"I2P_prompts_4703.csv"), coco_csv=str(shared_data/"coco_30k.csv"),
+                  coco_images=str(tmp_path/"photos"), clip_model=str(tmp_path/"clip"), fid_features="clip", n_i2p=2,
+                  n_coco=2, iterations=1, methods=["esd-x", "ant"], mask_seeds=[0], concept=["nudity", "naked"],
+                  table5=False, stage_ablation=False, figure4_extra=False, eval_steps=2, cache_size=1,
+                  gradient_checkpointing=True, out_dir=str(tmp_path/"run"))
+    nbs = Path(__file__).resolve().parents[1]/"nbs"
+    pm.execute_notebook(str(nbs/"20_nsfw.ipynb"), str(tmp_path/"out.ipynb"), parameters=params, kernel_name="python3",
+                        progress_bar=False, cwd=str(nbs))
+    run = json.loads((tmp_path/"run"/"run.json").read_text())
+    assert run["params"]["model_id"] == params["model_id"] and set(run["timings_s"]) == {"original", "esd-x", "ant"}
+    assert (tmp_path/"run"/"models"/"ant"/"model_index.json").exists()

@@ -40,7 +40,7 @@ class NsfwSettings:
     "Every parameter of 20_nsfw (documented in its parameters cell)."
     model_id: str; device: str; threads: int | None; dtype: str | None; preset: str; backend: str | None
     judge_path: str | None; i2p_csv: str | None; coco_csv: str | None; coco_images: str | None
-    clip_model: str | None; fid_features: str
+    clip_model: str | None; fid_features: str; t5: bool; gradient_checkpointing: bool
     n_i2p: int | None; n_coco: int | None; concept: list; methods: list; ac_anchors: list; mask_seeds: list
     top_fraction: float; iterations: int | None; cache_size: int; table5: bool; stage_ablation: bool
     figure4_extra: bool; eval_steps: int; batch_size: int; seed: int; out_dir: str; overwrite: bool
@@ -93,7 +93,7 @@ def setup_nsfw(s: NsfwSettings) -> NsfwRun:
     if s.study and s.transfer_check and metrics.judge is None:
         raise ValueError("transfer_check=True needs the toy world's judge; pass -p transfer_check False for a real model")
     i2p, coco = i2p_table(metrics, s.i2p_csv, s.n_i2p, s.seed), prior_table(metrics, s.coco_csv, s.n_coco, s.seed)
-    run = NsfwRun(s, out, metrics, i2p, coco, load_model(s.model_id, device=s.device, dtype=s.dtype),
+    run = NsfwRun(s, out, metrics, i2p, coco, load_model(s.model_id, device=s.device, dtype=s.dtype, t5=s.t5),
                   erase_defaults("ant", s.erase_preset)["config"], t_start)
     run.log(f"{len(i2p)} I2P prompts ({i2p.categories.str.contains('sexual').sum()} sexual), {len(coco)} COCO captions; "
             f"{metrics.name} metrics; ANT config {run.config}")
@@ -145,7 +145,8 @@ def erase_and_score(run: NsfwRun, runs: dict) -> tuple[pd.DataFrame, dict, dict]
         if kw is not None:
             run.log(f"{name}: training (or loading) ...")
             kw = dict(kw, config=kw.get("config", run.config), preset=s.erase_preset, iterations=s.iterations,
-                      seed=s.seed, cache_size=s.cache_size) | ({} if kw["method"] == "ac" else dict(trajectories=shared))
+                      seed=s.seed, cache_size=s.cache_size, gradient_checkpointing=s.gradient_checkpointing
+                      ) | ({} if kw["method"] == "ac" else dict(trajectories=shared))
             m = erase_or_load(run.model, s.concept, run.out / "models" / slug, **kw)
         run.log(f"{name}: evaluating {len(run.i2p)} I2P prompts and {len(run.coco)} captions ...")
         row, _ = nsfw_scores(m, run.i2p, run.coco, run.out / "images" / slug, run.metrics, num_steps=s.eval_steps,
