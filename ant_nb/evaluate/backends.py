@@ -177,8 +177,6 @@ def _toy_attack_group(concepts: list[str], n: int, n_pairs: int, seed: int) -> d
     return dict(tasks=tasks, pairs=(pairs.concept_prompt.tolist(), pairs.benign_prompt.tolist()))
 
 # %% ../../nbs/api/29_evaluate.backends.ipynb #a8a4a138
-FID_FEATURES = ("inception", "clip") # the feature extractors `RealBackend` computes FID with
-
 class RealBackend:
     "NudeNet, CLIP (loaded on first use), FID against `photos` and OpenCV faces; the paper's prompt files."
     name, grid_scale, detector = "real", 1, "NudeNet 3.4 (320n.onnx)"
@@ -225,19 +223,23 @@ class RealBackend:
     def alignment(self, images, table, progress):
         return clip_score(images, table.prompt.tolist(), self.clip, progress=progress)
 
-    def frechet(self, images, table, progress):
-        if self.photos is None: return float("nan")
-        names = tuple(table.coco_id) if "coco_id" in table.columns else None
-        key = names or len(table)
-        if key not in self._reference:
-            self._reference[key] = load_photos(self.photos, len(table), names=names)
-        feature = 2048 if self.fid_features == "inception" else clip_features(self.clip)
-        return fid(self._reference[key], images, feature=feature, device=self.device, progress=progress)
-
     def check_prior(self, table): pass
     def identify(self, images, names): return clip_identify(images, names, self.clip)
     def faces(self, images): return faces_found(images)
     def style(self, images, table): return clip_scores(images, table.prompt.tolist(), self.clip, progress=False)
+
+# %% ../../nbs/api/29_evaluate.backends.ipynb #d0a61399
+FID_FEATURES = ("inception", "clip") # the feature extractors `RealBackend` computes FID with
+
+@patch
+def frechet(self: RealBackend, images, table, progress):
+    if self.photos is None: return float("nan")
+    names = tuple(table.coco_id) if "coco_id" in table.columns else None
+    key = names or len(table)
+    if key not in self._reference:
+        self._reference[key] = load_photos(self.photos, len(table), names=names)
+    feature = 2048 if self.fid_features == "inception" else clip_features(self.clip)
+    return fid(self._reference[key], images, feature=feature, device=self.device, progress=progress)
 
 # %% ../../nbs/api/29_evaluate.backends.ipynb #53556f3e
 @patch
