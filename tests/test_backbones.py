@@ -74,6 +74,42 @@ def test_reversed_guidance(kind, sdxl_dir, sd3_dir):
     assert isinstance(cond, Conditioning) and cond.hidden.shape[0] == 2
 
 
+@torch.no_grad()
+def _reversed_by_hand(pipe, kind: str, prompts, seeds, steps: int, scale: float, t_prime: int) -> torch.Tensor:
+    """Eq. 1-2 written out on the pipeline's own parts (its `encode_prompt`, denoiser and scheduler): CFG whose
+    direction flips for the last `t_prime` steps; z_0."""
+    n = len(prompts)
+    cond, uncond, pooled, upooled = pipe.encode_prompt(*(([prompts] * 3) if kind == "sd3" else [prompts]),
+                                                       device="cpu") # no negative prompt: SDXL zeros, SD3 ""
+    sched = pipe.scheduler
+    sched.set_timesteps(steps)
+    z = torch.stack([torch.randn((pipe.vae.config.latent_channels, 8, 8), generator=torch.Generator().manual_seed(s))
+                     for s in seeds]) * getattr(sched, "init_noise_sigma", 1.0)
+    hidden, pool = torch.cat([uncond, cond]), torch.cat([upooled, pooled])
+    for i, tau in enumerate(sched.timesteps):
+        z_in = torch.cat([z, z])
+        if kind == "sd3":
+            out = pipe.transformer(hidden_states=z_in, timestep=tau.expand(2 * n), encoder_hidden_states=hidden,
+                                   pooled_projections=pool).sample
+        else:
+            ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).repeat(2 * n, 1)
+            out = pipe.unet(sched.scale_model_input(z_in, tau), tau, encoder_hidden_states=hidden,
+                            added_cond_kwargs=dict(text_embeds=pool, time_ids=ids)).sample
+        u, c = out.chunk(2)
+        sign = -1.0 if steps - i <= t_prime else 1.0 # paper step t = T - i
+        z = sched.step(u + sign * scale * (c - u), tau, z).prev_sample
+    return z
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+def test_reversed_guidance_equals_eq_1_2_by_hand(kind, sdxl_dir, sd3_dir):
+    folder = sdxl_dir if kind == "sdxl" else sd3_dir
+    ours = sample(load_model(str(folder)), PROMPTS, SEEDS, num_steps=4, guidance_scale=5.0, t_prime=2, progress=False,
+                  output_type="latent")
+    torch.testing.assert_close(ours, _reversed_by_hand(_pipeline(folder, kind), kind, PROMPTS, SEEDS, 4, 5.0, 2),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_flow_matching_timesteps_are_sigmas(sd3_dir):
     model = load_model(str(sd3_dir))
     ts = paper_timesteps(model.scheduler, 4)
