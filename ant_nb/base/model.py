@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+import diffusers
+from diffusers import AutoencoderKL, DDIMScheduler, SD3Transformer2DModel, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
+from .backbones import PIPELINES, Conditioning, backbone_of, encode_sd3, encode_sdxl
 from .checks import check_device, check_prompts, check_seeds
 from .files import LOCK_FILE, fingerprint, holds_files
 from .registry import TOY_MODELS, is_toy_model, toy_model_dir, toy_name
@@ -32,12 +34,22 @@ __all__ = ['DiffusionModel', 'load_model', 'save_model', 'with_unet', 'model_fin
 @dataclasses.dataclass
 class DiffusionModel:
     "The components of a text-to-image diffusion model, as plain diffusers / transformers objects."
-    unet: UNet2DConditionModel # predicts ε (or v, see `prediction_target`) from (z_t, timestep, text embeddings)
+    unet: UNet2DConditionModel # the denoiser: predicts ε (or v, see `prediction_target`) from (z_t, timestep, text); SD3: its transformer
     text_encoder: CLIPTextModel # token ids (N, L) -> embeddings (N, L, D)
     tokenizer: CLIPTokenizer # prompt -> token ids, padded to `tokenizer.model_max_length`
-    scheduler: DDIMScheduler # noise schedule of the DDIM sampler
+    scheduler: DDIMScheduler # noise schedule of the sampler (SD: DDIM; SDXL, SD3: the folder's own scheduler)
     vae: AutoencoderKL | None = None # latents <-> images; None for pixel-space models
     source: str = "" # where the model was loaded from
+    text_encoder_2: CLIPTextModelWithProjection | None = None # SDXL, SD3: the second CLIP encoder (CLIP-G)
+    tokenizer_2: CLIPTokenizer | None = None # SDXL, SD3: its tokenizer
+    text_encoder_3: T5EncoderModel | None = None # SD3: the T5 encoder (None: T5's tokens are zeros, as the pipeline without it)
+    tokenizer_3: object = None # SD3: T5's tokenizer
+    force_zeros_for_empty_prompt: bool = False # SDXL: the empty prompt's conditioning is zeros (the pipeline's config)
+
+    @property
+    def backbone(self) -> str:
+        "\"sd\", \"sdxl\" or \"sd3\" (`ant_nb.base.backbones.backbone_of` of the denoiser)."
+        return backbone_of(self.unet)
 
     @property
     def device(self) -> torch.device:
@@ -74,7 +86,8 @@ _PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 def _check_folder(folder: Path) -> Path:
     "Return `folder` if it has the diffusers parts a `DiffusionModel` needs, else raise `FileNotFoundError`."
-    missing = [p for p in _PARTS if not (folder/p).is_dir()]
+    parts = _PARTS if not (folder/"transformer").is_dir() else ("transformer", *_PARTS[1:]) # SD3: a transformer
+    missing = [p for p in parts if not (folder/p).is_dir()]
     if missing:
         raise FileNotFoundError(f"{str(folder)!r} is not a diffusers model folder: it lacks the subfolders {missing}")
     return folder
@@ -97,18 +110,53 @@ def _locate(source: str) -> tuple[str, bool]:
                             "diffusers folder, nor a hub id such as 'CompVis/stable-diffusion-v1-4'")
 
 # %% ../../nbs/api/04_base.model.ipynb #ec2ea116
-def _has_vae(location: str, is_local: bool) -> bool:
-    "Whether the model at `location` has a VAE (a latent model) according to its files or `model_index.json`."
-    if is_local: return (Path(location)/"vae"/"config.json").is_file()
+def _index(location: str, is_local: bool) -> dict:
+    "The model's `model_index.json` ({} for a local folder without one)."
+    if is_local:
+        f = Path(location)/"model_index.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
     from huggingface_hub import hf_hub_download
-    index = json.loads(Path(hf_hub_download(location, "model_index.json")).read_text())
-    return index.get("vae", [None, None])[0] is not None
+    return json.loads(Path(hf_hub_download(location, "model_index.json")).read_text())
+
+def _has_part(location: str, is_local: bool, part: str) -> bool:
+    "Whether the model at `location` has the component `part` (e.g. \"vae\") according to its files or `model_index.json`."
+    if is_local: return (Path(location)/part/"config.json").is_file()
+    return _index(location, is_local).get(part, [None, None])[0] is not None
+
+def _backbone(location: str, is_local: bool) -> str:
+    "\"sd\", \"sdxl\" or \"sd3\": the pipeline class of `model_index.json`, else the folder's subfolders."
+    found = [k for k, cls in PIPELINES.items() if _index(location, is_local).get("_class_name") == cls]
+    if found: return found[0]
+    if _has_part(location, is_local, "transformer"): return "sd3"
+    return "sdxl" if _has_part(location, is_local, "text_encoder_2") else "sd"
+
+# %% ../../nbs/api/04_base.model.ipynb #1d39a671
+def _scheduler(location: str, kind: str):
+    "SD: a `DDIMScheduler` from the folder's config (the paper's sampler); SDXL, SD3: the folder's own scheduler class."
+    config = DDIMScheduler.load_config(location, subfolder="scheduler")
+    if kind == "sd": return DDIMScheduler.from_config(config)
+    return getattr(diffusers, config.get("_class_name", "DDIMScheduler")).from_config(config)
+
+def _more_encoders(location: str, is_local: bool, kind: str, dt: torch.dtype, t5: bool) -> dict:
+    "The `DiffusionModel` fields SDXL and SD3 add: the second (and third) text encoder and tokenizer, SDXL's zero rule."
+    if kind == "sd": return {}
+    out = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(location, subfolder="text_encoder_2", dtype=dt,
+                                                                         use_safetensors=True),
+               tokenizer_2=CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2"))
+    if kind == "sdxl":
+        return out | dict(force_zeros_for_empty_prompt=_index(location, is_local).get("force_zeros_for_empty_prompt", True))
+    if t5 and _has_part(location, is_local, "text_encoder_3"):
+        out |= dict(text_encoder_3=T5EncoderModel.from_pretrained(location, subfolder="text_encoder_3", dtype=dt,
+                                                                  use_safetensors=True),
+                    tokenizer_3=AutoTokenizer.from_pretrained(location, subfolder="tokenizer_3"))
+    return out
 
 def load_model(source: str, # "toy" or a `TOY_MODELS` name, a diffusers folder, or a hub id ("CompVis/stable-diffusion-v1-4")
                device: str | torch.device = "cpu", # "cpu", "cuda", "cuda:N" or "mps"
                dtype: torch.dtype | str | None = None, # None: float32 on CPU, float16 on CUDA
+               t5: bool = True, # SD3: load the T5 encoder when the model has one (False: CLIP only, T5's tokens zero)
               ) -> DiffusionModel:
-    "Load a model's components (safetensors weights only) in eval mode on `device`; text encoder and VAE frozen."
+    "Load a model's components (safetensors weights only) in eval mode on `device`; text encoders and VAE frozen."
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise TypeError(f"source={source!r} must be a toy model name ('toy', 'toy-v1', ...), a folder path or a hub id "
                         "(a non-empty string)")
@@ -116,25 +164,43 @@ def load_model(source: str, # "toy" or a `TOY_MODELS` name, a diffusers folder, 
     dev = check_device(device)
     dt = _resolve_dtype(dtype, dev)
     location, is_local = _locate(source)
-    unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dt, use_safetensors=True)
-    text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=dt, use_safetensors=True)
+    kind = _backbone(location, is_local)
+    denoiser, sub = (SD3Transformer2DModel, "transformer") if kind == "sd3" else (UNet2DConditionModel, "unet")
+    unet = denoiser.from_pretrained(location, subfolder=sub, torch_dtype=dt, use_safetensors=True)
+    text_cls = CLIPTextModelWithProjection if kind == "sd3" else CLIPTextModel
+    text_encoder = text_cls.from_pretrained(location, subfolder="text_encoder", dtype=dt, use_safetensors=True)
     tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
-    scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(location, subfolder="scheduler"))
+    scheduler = _scheduler(location, kind)
     vae = (AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dt, use_safetensors=True)
-           if _has_vae(location, is_local) else None)
-    for m in (unet, text_encoder, vae):
+           if _has_part(location, is_local, "vae") else None)
+    more = _more_encoders(location, is_local, kind, dt, t5)
+    encoders = [m for k, m in more.items() if k.startswith("text_encoder")]
+    for m in (unet, text_encoder, vae, *encoders):
         if m is not None: m.to(dev).eval()
-    for m in (text_encoder, vae):
+    for m in (text_encoder, vae, *encoders):
         if m is not None: m.requires_grad_(False)
-    return DiffusionModel(unet, text_encoder, tokenizer, scheduler, vae, source=source)
+    return DiffusionModel(unet, text_encoder, tokenizer, scheduler, vae, source=source, **more)
 
 # %% ../../nbs/api/04_base.model.ipynb #8ac6b502
+def _pipeline(model: DiffusionModel):
+    "The diffusers pipeline of `model`'s family that holds its components (no safety checker, no watermark)."
+    scheduler = type(model.scheduler).from_config(model.scheduler.config)
+    parts = dict(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, scheduler=scheduler)
+    if model.backbone == "sd":
+        return diffusers.StableDiffusionPipeline(**parts, unet=model.unet, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    parts |= dict(text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2)
+    if model.backbone == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(**parts, unet=model.unet, add_watermarker=False,
+                                                   force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt)
+    return diffusers.StableDiffusion3Pipeline(**parts, transformer=model.unet, text_encoder_3=model.text_encoder_3,
+                                              tokenizer_3=model.tokenizer_3)
+
 def save_model(model: DiffusionModel, # the model to write
                path: str | Path, # output folder (created)
                overwrite: bool = False, # replace `path` if it already holds files
               ) -> Path:
-    "Write `model` as a diffusers `StableDiffusionPipeline` folder (safetensors weights, `model_index.json`)."
-    from diffusers import StableDiffusionPipeline
+    "Write `model` as a diffusers pipeline folder (safetensors weights, `model_index.json`): SD, SDXL or SD3."
     path = Path(path)
     if holds_files(path) and not overwrite:
         raise FileExistsError(f"path={str(path)!r} already holds files; pass overwrite=True to replace them")
@@ -143,10 +209,7 @@ def save_model(model: DiffusionModel, # the model to write
     try:
         with warnings.catch_warnings():  # the pipeline rewrites configs it finds unusual (e.g. clip_sample=True) ...
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = StableDiffusionPipeline(
-                vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-                scheduler=type(model.scheduler).from_config(model.scheduler.config), safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
+            pipe = _pipeline(model)
         pipe.save_pretrained(tmp, safe_serialization=True)
         model.scheduler.save_pretrained(tmp/"scheduler")  # ... so the scheduler config is written as it is
         if (path/LOCK_FILE).is_file(): shutil.copy2(path/LOCK_FILE, tmp/LOCK_FILE) # the run writing here keeps its lock
@@ -166,16 +229,20 @@ def with_unet(model: DiffusionModel, # the model whose other components are kept
 
 # %% ../../nbs/api/04_base.model.ipynb #e9c17e7b
 def model_fingerprint(model: DiffusionModel) -> str:
-    "SHA-256 of the UNet, text encoder and VAE weights and the scheduler config (see `ant_nb.base.files.fingerprint`)."
-    parts = [m for m in (model.unet, model.text_encoder, model.vae) if m is not None]
+    "SHA-256 of the denoiser, text encoder(s) and VAE weights and the scheduler config (see `ant_nb.base.files.fingerprint`)."
+    parts = [m for m in (model.unet, model.text_encoder, model.vae, model.text_encoder_2, model.text_encoder_3)
+             if m is not None]
     return fingerprint(*parts, dict(model.scheduler.config))
 
 # %% ../../nbs/api/04_base.model.ipynb #f31d9133
 @torch.no_grad()
 def encode_prompts(model: DiffusionModel, # supplies tokenizer and text encoder
                    prompts: list[str], # N prompts ("" gives the unconditional embedding)
-                  ) -> torch.Tensor:
-    "Text embeddings (N, L, D) in the UNet's dtype, padded / truncated to L = `tokenizer.model_max_length`."
+                  ) -> torch.Tensor | Conditioning:
+    """Text embeddings (N, L, D) in the UNet's dtype, padded / truncated to L = `tokenizer.model_max_length`; for SDXL and
+    SD3 a `Conditioning` of N rows (`ant_nb.base.backbones.encode_sdxl`, `encode_sd3`)."""
+    if model.backbone == "sdxl": return encode_sdxl(model, prompts)
+    if model.backbone == "sd3": return encode_sd3(model, prompts)
     prompts = check_prompts(prompts)
     tok = model.tokenizer
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,

@@ -10,12 +10,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from .backbones import Conditioning, cat_conditions, predict
 from .checks import check_choice, check_int, check_positive, check_prompts, check_seeds
 from .model import DiffusionModel, encode_prompts, initial_noise
+from .timesteps import is_flow_matching
 
 # %% ../../nbs/api/07_base.sampling.ipynb #d56cab21
 def condition_sign(t: int, # paper step in {1, ..., T}; larger = noisier
@@ -34,37 +36,44 @@ def guide(eps_uncond: torch.Tensor, # unconditional prediction eps_theta(z_t, t)
     return eps_uncond + sign * scale * (eps_cond - eps_uncond)
 
 # %% ../../nbs/api/07_base.sampling.ipynb #ace27da5
-def _ddim(model: DiffusionModel, num_steps: int, device: torch.device) -> DDIMScheduler:
-    "A fresh DDIM scheduler with the model's noise schedule, set to `num_steps` steps (leaves `model.scheduler` alone)."
-    sched = DDIMScheduler.from_config(model.scheduler.config)
+def _sampler(model: DiffusionModel, num_steps: int, device: torch.device):
+    "A fresh DDIM (flow matching: Euler) scheduler with the model's noise schedule, set to `num_steps` steps (`model.scheduler` untouched)."
+    kind = FlowMatchEulerDiscreteScheduler if is_flow_matching(model.scheduler) else DDIMScheduler
+    sched = kind.from_config(model.scheduler.config)
     sched.set_timesteps(num_steps, device=device)
     return sched
 
+def _step(sched, guided: torch.Tensor, tau: torch.Tensor, z: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "One sampler step from z at step index `i`: (z_{t-1}, x̂₀); flow matching's x̂₀ is z − σ v̂."
+    step = sched.step(guided, tau, z)
+    x0 = step.pred_original_sample if hasattr(step, "pred_original_sample") else z - sched.sigmas[i] * guided
+    return step.prev_sample, x0
+
 @torch.no_grad()
 def _denoise(model: DiffusionModel, # supplies UNet and noise schedule
-             cond: torch.Tensor, # conditional text embeddings (N, L, D)
-             uncond: torch.Tensor, # unconditional text embeddings (N, L, D) or (1, L, D)
+             cond: torch.Tensor | Conditioning, # conditional text embeddings (N, L, D) (SDXL, SD3: a `Conditioning`)
+             uncond: torch.Tensor | Conditioning, # unconditional text embeddings (N, L, D) or (1, L, D)
              noise: torch.Tensor, # start noise z_T (N, C, H, W)
              num_steps: int, # T
              scale: float | torch.Tensor, # guidance scale s
              t_prime: int | None = None, # t' (paper step); None: plain CFG
-             eps_out: dict | None = None, # when given, receives {t: (ε_u, ε_c)}, the UNet's outputs (ε or v) at z_t
-             x0_out: dict | None = None, # when given, receives {t: x̂₀ (N, C, H, W)}, `scheduler.step`'s clean estimate from z_t
+             eps_out: dict | None = None, # when given, receives {t: (ε_u, ε_c)}, the denoiser's outputs (ε, v or velocity) at z_t
+             x0_out: dict | None = None, # when given, receives {t: x̂₀ (N, C, H, W)}, the sampler's clean estimate from z_t
             ) -> Iterator[tuple[int, torch.Tensor]]:
-    "Yield (t, z_t) for paper steps t = T, ..., 1 and then (0, z_0): DDIM sampling with Eq. 1–2 guidance."
-    sched = _ddim(model, num_steps, noise.device)
-    embeds = torch.cat([uncond.expand_as(cond), cond])
-    z = noise * sched.init_noise_sigma
+    "Yield (t, z_t) for paper steps t = T, ..., 1 and then (0, z_0): DDIM (flow matching: Euler) sampling with Eq. 1–2 guidance."
+    sched = _sampler(model, num_steps, noise.device)
+    embeds = cat_conditions([uncond.expand_as(cond), cond])
+    z = noise * getattr(sched, "init_noise_sigma", 1.0)
     for i, tau in enumerate(sched.timesteps):
         t = num_steps - i
         yield t, z
-        z_in = sched.scale_model_input(torch.cat([z, z]), tau)
-        eps_u, eps_c = model.unet(z_in, tau, encoder_hidden_states=embeds).sample.chunk(2)
+        z_in = torch.cat([z, z])
+        if hasattr(sched, "scale_model_input"): z_in = sched.scale_model_input(z_in, tau)
+        eps_u, eps_c = predict(model.unet, z_in, tau, embeds).chunk(2)
         if eps_out is not None: eps_out[t] = (eps_u, eps_c)
         eps = guide(eps_u, eps_c, scale, reverse=condition_sign(t, t_prime) < 0)
-        step = sched.step(eps, tau, z)
-        if x0_out is not None: x0_out[t] = step.pred_original_sample
-        z = step.prev_sample
+        z, x0 = _step(sched, eps, tau, z, i)
+        if x0_out is not None: x0_out[t] = x0
     yield 0, z
 
 # %% ../../nbs/api/07_base.sampling.ipynb #5c0fc657
@@ -75,7 +84,12 @@ def decode(model: DiffusionModel, # supplies the VAE (None for pixel-space model
     "Images as uint8 (N, H, W, 3): VAE-decoded latents, or pixel-space samples mapped from [-1, 1] to [0, 255]."
     if model.vae is not None:
         vae = model.vae
-        x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+        upcast = model.backbone == "sdxl" and vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast: vae.to(torch.float32) # SDXL's VAE overflows in float16; its pipeline decodes in float32 too
+        x = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None) is not None: x = x + vae.config.shift_factor # SD3's VAE
+        x = vae.decode(x).sample
+        if upcast: vae.to(torch.float16)
     else:
         x = latents
     if x.ndim != 4 or x.shape[1] != 3:
@@ -145,17 +159,18 @@ def sample(model: DiffusionModel, # the model to sample from
 # %% ../../nbs/api/07_base.sampling.ipynb #8a89eced
 @torch.no_grad()
 def trajectory(model: DiffusionModel, # the model that generates the trajectory
-               prompt_embeds: torch.Tensor, # conditional embeddings (N, L, D), e.g. from `encode_prompts`
+               prompt_embeds: torch.Tensor | Conditioning, # conditional embeddings (N, L, D), e.g. from `encode_prompts`
                noise: torch.Tensor, # start noise z_T (N, C, H, W), e.g. from `initial_noise`
                record_steps: list[int], # paper steps t in {0, ..., T} whose z_t to return (0: the final z_0)
                num_steps: int = 50, # T, DDIM steps
                guidance_scale: float = 3.0, # s of plain CFG along the trajectory
-               uncond_embeds: torch.Tensor | None = None, # (1 or N, L, D); None: the embedding of ""
+               uncond_embeds: torch.Tensor | Conditioning | None = None, # (1 or N, L, D); None: the embedding of ""
                with_eps: bool = False, # also return the model's ε_u(z_t, t), ε_c(z_t, t, c) that the sampler computed
               ) -> dict[int, torch.Tensor] | dict[int, tuple]:
     """Latents z_t (N, C, H, W) at the requested paper steps of one CFG trajectory from z_T, as {t: z_t}.
     With `with_eps`, {t: (z_t, ε_u, ε_c)}: the unconditional and conditional predictions at (z_t, t), each (N, C, H, W)
-    (None at t = 0, where the sampler makes no prediction); they are the UNet's raw outputs, v for a v-prediction model."""
+    (None at t = 0, where the sampler makes no prediction); they are the denoiser's raw outputs, v for a v-prediction
+    model, the velocity for a flow-matching one."""
     num_steps = check_int("num_steps", num_steps, 1, model.scheduler.config.num_train_timesteps)
     if isinstance(record_steps, (int, np.integer)): record_steps = [record_steps]
     record = sorted({check_int("record_steps", t, 0, num_steps) for t in record_steps}, reverse=True)

@@ -6,19 +6,29 @@
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from .checks import check_choice, check_int
 
 # %% auto #0
-__all__ = ['PREDICTION_TYPES', 'paper_timesteps', 'paper_step_to_timestep', 'prediction_target']
+__all__ = ['PREDICTION_TYPES', 'is_flow_matching', 'paper_timesteps', 'paper_step_to_timestep', 'prediction_target']
 
 # %% ../../nbs/api/05_base.timesteps.ipynb #bc57c8cc
+def is_flow_matching(scheduler, # a diffusers scheduler
+                    ) -> bool:
+    "Whether `scheduler` is a flow-matching one (SD3's `FlowMatchEulerDiscreteScheduler`): its model predicts a velocity."
+    return "FlowMatch" in type(scheduler).__name__
+
 def paper_timesteps(scheduler, # any diffusers scheduler; its config defines the noise schedule
-                    num_steps: int = 50, # T, the number of DDIM sampling steps
-                   ) -> torch.LongTensor:
-    "Scheduler timesteps (T,) of a T-step DDIM run, in sampling order: entry T − t belongs to paper step t."
+                    num_steps: int = 50, # T, the number of DDIM (flow matching: Euler) sampling steps
+                   ) -> torch.Tensor:
+    """Scheduler timesteps (T,) of a T-step run, in sampling order: entry T − t belongs to paper step t. DDIM's (long)
+    for a diffusion scheduler; the flow-matching Euler sampler's 1000·σ (float) for a flow-matching one."""
     num_steps = check_int("num_steps", num_steps, 1, scheduler.config.num_train_timesteps)
+    if is_flow_matching(scheduler):
+        flow = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        flow.set_timesteps(num_steps)
+        return flow.timesteps.clone()
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(num_steps)
     return ddim.timesteps.clone().long()
@@ -27,15 +37,15 @@ def paper_step_to_timestep(schedule, # a diffusers scheduler, or its `paper_time
                            t: int | torch.Tensor, # paper step(s) in {1, ..., T}; larger = noisier
                            num_steps: int = 50, # T, the number of DDIM steps (a table gives its own length)
                           ) -> int | torch.LongTensor:
-    "Scheduler timestep(s) at which the UNet sees z_t during paper step(s) `t` of a T-step DDIM run (int or tensor, as `t`)."
+    "Scheduler timestep(s) at which the UNet sees z_t during paper step(s) `t` of a T-step run (a number or tensor, as `t`)."
     table = schedule if isinstance(schedule, torch.Tensor) else paper_timesteps(schedule, num_steps)
     T = len(table)
-    if not isinstance(t, torch.Tensor): return int(table[T - check_int("t", t, 1, T)])
+    if not isinstance(t, torch.Tensor): return table[T - check_int("t", t, 1, T)].item() # int (DDIM) or float (flow)
     if t.dtype.is_floating_point or (t.numel() and not 1 <= int(t.min()) <= int(t.max()) <= T):
         raise ValueError(f"t={t.tolist()} is not allowed; paper steps must be integers between 1 and {T} (inclusive)")
     return table.to(t.device)[T - t.long()]
 
-# %% ../../nbs/api/05_base.timesteps.ipynb #d9d9a9fa
+# %% ../../nbs/api/05_base.timesteps.ipynb #19a8f6b2
 PREDICTION_TYPES = ("epsilon", "v_prediction") # the `prediction_type`s whose training targets the package forms
 
 def prediction_target(scheduler, # a diffusers scheduler; its `config.prediction_type` is what the UNet predicts
@@ -43,6 +53,7 @@ def prediction_target(scheduler, # a diffusers scheduler; its `config.prediction
                       noise: torch.Tensor, # the noise ε (N, C, H, W) that made x_τ from x_0
                       timesteps: torch.Tensor, # scheduler timesteps τ (N,)
                      ) -> torch.Tensor:
-    "The UNet's target at x_τ (N, C, H, W): ε for \"epsilon\", `scheduler.get_velocity(x0, ε, τ)` for \"v_prediction\"."
+    "The denoiser's target at x_τ (N, C, H, W): ε (\"epsilon\"), `get_velocity(x0, ε, τ)` (\"v_prediction\"), ε − x0 (flow matching)."
+    if is_flow_matching(scheduler): return noise - x0
     kind = check_choice("prediction_type", scheduler.config.prediction_type, PREDICTION_TYPES)
     return noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)

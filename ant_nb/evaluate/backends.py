@@ -21,7 +21,8 @@ from ..base.report import package_versions
 from .data import (celebrity_names, file_sha256, load_artist, load_celebrity, load_coco, load_i2p,
                                   prompt_source)
 from .metrics import (CLIP_MODEL, NUDENET_CLASSES, NUDENET_THRESHOLD, NUDITY_CLASSES, NUDITY_VIEWS,
-                                     NudityView, box_counts, clip_identify, clip_score, clip_scores, faces_found,
+                                     NudityView, box_counts, clip_features, clip_identify, clip_score, clip_scores,
+                                     faces_found,
                                      fid, frechet_from_features, load_clip, load_photos, nudenet_boxes,
                                      nudenet_detect, nudenet_record, nudity_counts)
 from .robustness import NUDITY_PAIRS, i2p_attack_tasks, toy_attack_tasks
@@ -30,8 +31,8 @@ from ..toy.prompts import toy_art, toy_celebrity, toy_coco, toy_i2p
 from ..toy.world import CHARACTERS_ERASE, FULL_CHARACTERS, STYLES_ERASE, render
 
 # %% auto #0
-__all__ = ['TOY_PARTS', 'TOY_VIEWS', 'BACKENDS', 'Backend', 'unsafe_flags', 'reference_images', 'ToyBackend', 'RealBackend',
-           'load_backend', 'attack_groups']
+__all__ = ['TOY_PARTS', 'TOY_VIEWS', 'FID_FEATURES', 'BACKENDS', 'Backend', 'unsafe_flags', 'reference_images', 'ToyBackend',
+           'RealBackend', 'load_backend', 'attack_groups']
 
 # %% ../../nbs/api/29_evaluate.backends.ipynb #19c5c1eb
 class Backend(Protocol):
@@ -238,8 +239,10 @@ class RealBackend:
     def __init__(self, clip=None, # (model, processor), a CLIP hub id / folder, or None (`CLIP_MODEL`)
                  device: str = "cpu", # where CLIP runs
                  photos: str | Path | None = None, # folder of reference photos for FID (None: no FID)
+                 fid_features: str = "inception", # FID's features: "inception" (the paper's) or "clip" (CLIP image embeddings)
                 ):
         self._clip, self.device, self.photos, self._reference = clip, device, photos, {}
+        self.fid_features = check_choice("fid_features", fid_features, FID_FEATURES)
 
     @property
     def clip(self):
@@ -269,18 +272,23 @@ class RealBackend:
     def alignment(self, images, table, progress):
         return clip_score(images, table.prompt.tolist(), self.clip, progress=progress)
 
-    def frechet(self, images, table, progress):
-        if self.photos is None: return float("nan")
-        names = tuple(table.coco_id) if "coco_id" in table.columns else None
-        key = names or len(table)
-        if key not in self._reference:
-            self._reference[key] = load_photos(self.photos, len(table), names=names)
-        return fid(self._reference[key], images, device=self.device, progress=progress)
-
     def check_prior(self, table): pass
     def identify(self, images, names): return clip_identify(images, names, self.clip)
     def faces(self, images): return faces_found(images)
     def style(self, images, table): return clip_scores(images, table.prompt.tolist(), self.clip, progress=False)
+
+# %% ../../nbs/api/29_evaluate.backends.ipynb #d0a61399
+FID_FEATURES = ("inception", "clip") # the feature extractors `RealBackend` computes FID with
+
+@patch
+def frechet(self: RealBackend, images, table, progress):
+    if self.photos is None: return float("nan")
+    names = tuple(table.coco_id) if "coco_id" in table.columns else None
+    key = names or len(table)
+    if key not in self._reference:
+        self._reference[key] = load_photos(self.photos, len(table), names=names)
+    feature = 2048 if self.fid_features == "inception" else clip_features(self.clip)
+    return fid(self._reference[key], images, feature=feature, device=self.device, progress=progress)
 
 # %% ../../nbs/api/29_evaluate.backends.ipynb #53556f3e
 @patch
@@ -309,11 +317,12 @@ def load_backend(model: DiffusionModel | str, # the model, or its id as `ant_nb.
                  clip=None, # real: (model, processor) or a CLIP hub id / folder (None: `CLIP_MODEL`, loaded on first use)
                  photos: str | Path | None = None, # real: folder of reference photos for FID
                  name: str | None = None, # "toy" or "real" to override the choice made from the model
+                 fid_features: str = "inception", # real: FID's features, "inception" or "clip" (`RealBackend`)
                 ) -> ToyBackend | RealBackend:
     "The backend that scores `model`'s images: the toy judge for the toy world's model, else NudeNet + CLIP + FID."
     if name is None: name = "toy" if is_toy_model(getattr(model, "source", model)) else "real"
     check_choice("name", name, BACKENDS)
-    if name == "real": return RealBackend(clip, device, photos)
+    if name == "real": return RealBackend(clip, device, photos, fid_features)
     source = getattr(model, "source", model)
     judge_file = judge_path or toy_judge_path(source if is_toy_model(source) else "toy")
     return ToyBackend(load_judge(judge_file), judge_file)

@@ -28,8 +28,8 @@ from .data import file_sha256
 __all__ = ['NUDENET_CLASSES', 'NUDENET_THRESHOLD', 'NUDITY_CLASSES', 'COUNT_RULES', 'BOX_COLUMNS', 'UNSAFE_EXPOSED', 'VIEW_UNITS',
            'NUDITY_VIEWS', 'CLIP_MODEL', 'PHOTO_SUFFIXES', 'nudenet_boxes', 'box_counts', 'nudenet_detect',
            'nudity_counts', 'NudityView', 'nudity_views', 'nudenet_record', 'view_keys', 'views_record', 'load_clip',
-           'clip_scores', 'clip_score', 'fid', 'frechet_from_features', 'load_photos', 'h_c', 'h_a', 'faces_found',
-           'face_ratio', 'clip_identify', 'identification_accuracy']
+           'clip_scores', 'clip_score', 'fid', 'ClipFeatures', 'clip_features', 'frechet_from_features', 'load_photos',
+           'h_c', 'h_a', 'faces_found', 'face_ratio', 'clip_identify', 'identification_accuracy']
 
 # %% ../../nbs/api/26_evaluate.metrics.ipynb #0d711d57
 NUDENET_CLASSES = { # Table 1 column -> NudeNet 3.4 label
@@ -207,6 +207,23 @@ def fid(real, # uint8 RGB reference images (N, H, W, 3), e.g. MS-COCO
                       disable=not progress):
             metric.update(torch.from_numpy(arr[i:i + batch_size]).permute(0, 3, 1, 2).contiguous().to(dev), real=flag)
     return float(metric.compute())
+
+# %% ../../nbs/api/26_evaluate.metrics.ipynb #ceb47d4e
+class ClipFeatures(torch.nn.Module):
+    "FID features from CLIP: uint8 images (N, 3, H, W) -> CLIP image embeddings (N, D), float32."
+    def __init__(self, clip): # (model, processor), e.g. from `load_clip`
+        super().__init__()
+        self.model, self.processor = clip
+        self.num_features = int(self.model.config.projection_dim)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pix = self.processor(images=list(x.permute(0, 2, 3, 1).cpu().numpy()), return_tensors="pt")["pixel_values"]
+        out = self.model.get_image_features(pixel_values=pix.to(next(self.model.parameters()).device))
+        return (out.pooler_output if hasattr(out, "pooler_output") else out).float()
+
+def clip_features(clip, # (model, processor) from `load_clip` (e.g. `RealBackend.clip`)
+                 ) -> ClipFeatures:
+    "The FID feature module of a CLIP model (`fid(..., feature=clip_features(clip))`)."
+    return ClipFeatures(clip)
 
 # %% ../../nbs/api/26_evaluate.metrics.ipynb #a5d5902a
 def frechet_from_features(feats_a: np.ndarray, # features (N, D) of one image set

@@ -19,7 +19,7 @@ from ..base.files import project_path, run_dir
 from ..base.model import DiffusionModel, load_model
 from ..base.report import log_progress, save_figure, save_table, write_run_json
 from ..base.sampling import image_grid
-from ..evaluate.backends import BACKENDS, load_backend
+from ..evaluate.backends import BACKENDS, FID_FEATURES, load_backend
 from ..evaluate.metrics import NUDENET_THRESHOLD
 from ..evaluate.scores import eval_images, evaluator_record, i2p_table, nsfw_scores, prior_table
 from ..method.erase import erase_defaults, erase_or_load
@@ -40,6 +40,7 @@ class NsfwSettings:
     "Every parameter of 20_nsfw (documented in its parameters cell)."
     model_id: str; device: str; threads: int | None; dtype: str | None; preset: str; backend: str | None
     judge_path: str | None; i2p_csv: str | None; coco_csv: str | None; coco_images: str | None
+    clip_model: str | None; fid_features: str; t5: bool; gradient_checkpointing: bool
     n_i2p: int | None; n_coco: int | None; concept: list; methods: list; ac_anchors: list; mask_seeds: list
     top_fraction: float; iterations: int | None; cache_size: int; table5: bool; stage_ablation: bool
     figure4_extra: bool; eval_steps: int; batch_size: int; seed: int; out_dir: str; overwrite: bool
@@ -50,6 +51,7 @@ class NsfwSettings:
         check_device(self.device); check_choice("preset", self.preset, ["toy", "paper"])
         if self.threads is not None: check_range("threads", self.threads, 1, 1024)
         if self.backend is not None: check_choice("backend", self.backend, BACKENDS)
+        check_choice("fid_features", self.fid_features, FID_FEATURES)
         check_nonempty_unique("concept", self.concept); check_nonempty_unique("mask_seeds", self.mask_seeds)
         for m in check_nonempty_unique("methods", self.methods): check_choice("methods", m, METHODS)
         for name in ("n_i2p", "n_coco"):
@@ -86,11 +88,12 @@ def setup_nsfw(s: NsfwSettings) -> NsfwRun:
     if s.threads is not None: torch.set_num_threads(s.threads)
     out = run_dir(project_path(s.out_dir), overwrite=s.overwrite)
     photos = s.coco_images and project_path(s.coco_images)
-    metrics = load_backend(s.model_id, s.device, s.judge_path, photos=photos, name=s.backend)
+    metrics = load_backend(s.model_id, s.device, s.judge_path, clip=s.clip_model, photos=photos, name=s.backend,
+                           fid_features=s.fid_features)
     if s.study and s.transfer_check and metrics.judge is None:
         raise ValueError("transfer_check=True needs the toy world's judge; pass -p transfer_check False for a real model")
     i2p, coco = i2p_table(metrics, s.i2p_csv, s.n_i2p, s.seed), prior_table(metrics, s.coco_csv, s.n_coco, s.seed)
-    run = NsfwRun(s, out, metrics, i2p, coco, load_model(s.model_id, device=s.device, dtype=s.dtype),
+    run = NsfwRun(s, out, metrics, i2p, coco, load_model(s.model_id, device=s.device, dtype=s.dtype, t5=s.t5),
                   erase_defaults("ant", s.erase_preset)["config"], t_start)
     run.log(f"{len(i2p)} I2P prompts ({i2p.categories.str.contains('sexual').sum()} sexual), {len(coco)} COCO captions; "
             f"{metrics.name} metrics; ANT config {run.config}")
@@ -136,13 +139,15 @@ def erase_and_score(run: NsfwRun, runs: dict) -> tuple[pd.DataFrame, dict, dict,
     nudity conventions of each model's I2P images (`nudity_views`; written as all_runs_conventions)."""
     s, rows, timings, grids, conventions = run.s, [], {}, {}, []
     shared = TrajectoryLatents(run.model, s.concept, s.cache_size, num_steps=run.config.num_steps, seed=s.seed)
-    pick = np.flatnonzero(run.i2p.categories.str.contains("sexual").to_numpy())[:8] # the grid's prompts and seeds
+    sexual = run.i2p.categories.str.contains("sexual").to_numpy() # the grid's prompts and seeds: the first eight
+    pick = np.concatenate([np.flatnonzero(sexual), np.flatnonzero(~sexual)])[:8] # sexual ones, others if too few
     for slug, (name, kw) in runs.items():
         t0, m = time.time(), run.model
         if kw is not None:
             run.log(f"{name}: training (or loading) ...")
             kw = dict(kw, config=kw.get("config", run.config), preset=s.erase_preset, iterations=s.iterations,
-                      seed=s.seed, cache_size=s.cache_size) | ({} if kw["method"] == "ac" else dict(trajectories=shared))
+                      seed=s.seed, cache_size=s.cache_size, gradient_checkpointing=s.gradient_checkpointing
+                      ) | ({} if kw["method"] == "ac" else dict(trajectories=shared))
             m = erase_or_load(run.model, s.concept, run.out / "models" / slug, **kw)
         run.log(f"{name}: evaluating {len(run.i2p)} I2P prompts and {len(run.coco)} captions ...")
         views = {}

@@ -102,8 +102,9 @@ def erase_concept(model: DiffusionModel, # the original model (left unchanged; i
                   trajectories: TrajectoryLatents | None = None, # reuse a trajectory cache (same prompts, T, scale)
                   callback: Callable[[int, dict], None] | None = None, # called as callback(step, losses) each step
                   progress: bool = True, # tqdm bar with the loss
+                  gradient_checkpointing: bool = False, # recompute activations in backward: less memory, same result
                  ) -> DiffusionModel:
-    "Fine-tune a copy of `model`'s UNet to erase `concept` with `method`; returns a new `DiffusionModel`."
+    "Fine-tune a copy of `model`'s denoiser (UNet or SD3 transformer) to erase `concept` with `method`; returns a new `DiffusionModel`."
     t_start = time.time()
     a = _resolve(model, concept, method, mask, iterations, lr, seed, config, preset, anchors, batch_size, cache_size,
                  guidance_scale, checkpoint_every)
@@ -118,7 +119,7 @@ def erase_concept(model: DiffusionModel, # the original model (left unchanged; i
         ckpt = _prepare_checkpoints(checkpoint_dir, a["checkpoint_every"], resume, a["params"])
         start = ckpt.steps()[-1] if ckpt is not None and resume and ckpt.steps() else 0
         erased, losses = _finetune_copy(model, method, a, trajectories or _latents(model, a, guidance_scale, ckpt, progress),
-                                        checkpoint_dir, resume, callback, progress)
+                                        checkpoint_dir, resume, callback, progress, gradient_checkpointing)
         if out_dir is not None: _save(erased, out_dir, a["params"], time.time() - t_start, start, losses)
     return erased
 
@@ -153,11 +154,12 @@ def _latents(model, a: dict, guidance_scale: float, ckpt, progress: bool) -> Tra
 
 # %% ../../nbs/api/14_method.erase.ipynb #bb659f10
 def _finetune_copy(model, method: str, a: dict, latents: TrajectoryLatents, checkpoint_dir, resume: bool, callback,
-                   progress: bool) -> tuple[DiffusionModel, list[float]]:
+                   progress: bool, checkpointing: bool = False) -> tuple[DiffusionModel, list[float]]:
     "Train a float32 copy of `model.unet` with `method`'s loss (arguments `a` from `_resolve`); the erased model and its losses."
     frozen = model.unet
     trained = copy.deepcopy(frozen)
     if trained.dtype != torch.float32: trained.to(torch.float32)
+    if checkpointing: trained.enable_gradient_checkpointing()
     params, grad_mask = masked_parameters(trained, trainable_names(trained, method), a["mask"])
     cond, uncond = encode_prompts(model, a["concept"]), encode_prompts(model, [""])
     anchor = encode_prompts(model, a["anchors"]) if method == "ac" else None
@@ -166,6 +168,7 @@ def _finetune_copy(model, method: str, a: dict, latents: TrajectoryLatents, chec
     losses = finetune(loss_fn, trained, params, checkpoint_dir, a["iterations"], a["lr"], a["seed"],
                       a["checkpoint_every"], resume, grad_mask, fused=trained.device.type in ("cpu", "cuda"),
                       callback=callback, desc=f"erase {method}", progress=progress)
+    if checkpointing: trained.disable_gradient_checkpointing()
     erased = with_unet(model, trained.requires_grad_(True))
     erased.source = f"{model.source} erased {a['concept']} with {method}"
     return erased, losses
@@ -177,7 +180,8 @@ def _save(erased: DiffusionModel, out_dir, params: dict, seconds: float, resumed
     write_run_json(out_dir, params, seconds=round(seconds, 1), resumed_from=resumed_from, losses=losses)
 
 # %% ../../nbs/api/14_method.erase.ipynb #ecf3dabd
-_REUSED = ("trajectories", "callback", "progress") # `erase_concept` arguments that do not change the erased model
+_REUSED = ("trajectories", "callback", "progress", "gradient_checkpointing") # `erase_concept` arguments that do not
+# change the erased model
 _RESOLVED = {k: p.default for k, p in inspect.signature(erase_concept).parameters.items() # the ones that do,
              if k in list(inspect.signature(_resolve).parameters)[3:]} # with their defaults
 

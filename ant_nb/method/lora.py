@@ -100,9 +100,13 @@ class LoraSettings:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha or self.rank, target_modules=targets, init_lora_weights=True)
 
 def all_lora_targets(unet: nn.Module) -> list[str]:
-    "Names of every Linear and Conv2d in the UNet's attention, ResNet and resampling blocks (conv_in/out and embeddings excluded)."
+    """Names of every Linear and Conv2d in the UNet's attention, ResNet and resampling blocks (conv_in/out and embeddings
+    excluded). A layer that already carries a peft adapter (its weights under `.base_layer`) is named as the layer, and
+    the adapters' own `lora_A`/`lora_B` are not targets."""
     parts = (".attentions.", ".resnets.", ".downsamplers.", ".upsamplers.")
-    return [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and any(p in n for p in parts)]
+    names = [n.removesuffix(".base_layer") for n, m in unet.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and ".lora_" not in n and any(p in n for p in parts)]
+    return list(dict.fromkeys(names))
 
 # %% ../../nbs/api/15_method.lora.ipynb #065f68a8
 def add_lora(unet: nn.Module, # a diffusers UNet2DConditionModel (modified in place)

@@ -10,13 +10,14 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..base.backbones import Conditioning, backbone_of, cat_conditions, predict
 from ..base.checks import check_choice, check_nonempty_unique, check_positive, check_range
 from ..base.sampling import guide
 
 # %% auto #0
-__all__ = ['TERMS', 'STAGE_ORDERS', 'PAPER_TABLE6', 'ABLATIONS', 'METHODS', 'AntLossConfig', 'paper_config', 'ablation_config',
-           'stage_ranges', 'draw_steps', 'ant_targets', 'ant_weights', 'ant_loss', 'esd_loss', 'ac_loss',
-           'trainable_names']
+__all__ = ['TERMS', 'STAGE_ORDERS', 'PAPER_TABLE6', 'ABLATIONS', 'METHODS', 'SD3_TEXT_KV', 'SD3_TEXT_STREAM', 'SD3_OUTER',
+           'AntLossConfig', 'paper_config', 'ablation_config', 'stage_ranges', 'draw_steps', 'ant_targets',
+           'ant_weights', 'ant_loss', 'esd_loss', 'ac_loss', 'trainable_names']
 
 # %% ../../nbs/api/10_method.losses.ipynb #39312397
 TERMS = ("preserve", "erase", "uncond_early", "uncond_late") # the four terms of Eq. 3, in order
@@ -100,29 +101,29 @@ def draw_steps(config: AntLossConfig, # the loss configuration (t', T, stage ord
     return draw(*r["preserve"]), draw(*r["erase"])
 
 # %% ../../nbs/api/10_method.losses.ipynb #e3d06445
-def _call_unet(unet, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    "Prediction (B, C, H, W), ε or v, of `unet` at latents `z`, scheduler timesteps `t` (B,) and text embeddings `emb`."
+def _call_unet(unet, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor | Conditioning) -> torch.Tensor:
+    "Prediction (B, C, H, W), ε, v or velocity, of `unet` at latents `z`, scheduler timesteps `t` (B,) and text conditioning `emb`."
     dtype = getattr(unet, "dtype", None) # a float32 trained copy of a float16 model gets float32 inputs
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point: z, emb = z.to(dtype), emb.to(dtype)
-    out = unet(z, t, encoder_hidden_states=emb)
-    if hasattr(out, "sample"): return out.sample
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return predict(unet, z, t, emb)
 
 def _eps(unet, requests: list[tuple], grad: bool) -> list[torch.Tensor]:
     "One UNet call on the concatenated `(z, t, emb)` requests (each of batch B); the predictions, split per request."
     if not requests: return []
     n = requests[0][0].shape[0]
-    z, t, emb = (torch.cat([r[i] for r in requests]) for i in range(3))
+    z, t = (torch.cat([r[i] for r in requests]) for i in range(2))
+    emb = cat_conditions([r[2] for r in requests])
     with torch.set_grad_enabled(grad):
         return list(_call_unet(unet, z, t, emb).split(n))
 
-def _embeds(emb: torch.Tensor, n: int) -> torch.Tensor:
+def _embeds(emb: torch.Tensor | Conditioning, n: int) -> torch.Tensor | Conditioning:
     "Text embeddings (1 or n, L, D) expanded to (n, L, D)."
     return emb.expand(n, -1, -1) if emb.shape[0] == 1 else emb
 
 def _timesteps(t, n: int, device) -> torch.Tensor:
-    "Scheduler timesteps as a LongTensor (n,) on `device` (from an int or a tensor)."
-    t = torch.as_tensor(t, device=device).long().reshape(-1)
+    "Scheduler timesteps as a tensor (n,) on `device` (from a number or a tensor): long for DDIM, float for flow matching."
+    t = torch.as_tensor(t, device=device)
+    t = (t if t.is_floating_point() else t.long()).reshape(-1)
     return t.expand(n) if t.numel() == 1 else t
 
 # %% ../../nbs/api/10_method.losses.ipynb #f40e24d6
@@ -203,18 +204,29 @@ def ac_loss(unet, # trained UNet θ
 
 # %% ../../nbs/api/10_method.losses.ipynb #2da72b17
 METHODS = ("ant", "esd-x", "esd-u", "ac")
+SD3_TEXT_KV = (".attn.add_k_proj.", ".attn.add_v_proj.") # SD3: the text keys and values the image attends to
+SD3_TEXT_STREAM = (*SD3_TEXT_KV, ".attn.add_q_proj.", ".attn.to_add_out.", ".attn.norm_added_", ".ff_context.",
+                   ".norm1_context.") # SD3: every layer of the text stream of the joint blocks
+SD3_OUTER = ("pos_embed.", "time_text_embed.", "context_embedder.", "norm_out.", "proj_out.") # SD3: in and out
 
-def _is_trained(method: str, name: str) -> bool:
-    "Whether `method` fine-tunes the UNet parameter `name` (diffusers parameter names)."
+def _is_trained(method: str, name: str, backbone: str = "sd") -> bool:
+    "Whether `method` fine-tunes the denoiser parameter `name` (diffusers parameter names) of a `backbone` model."
     if method == "ant": return True
+    if backbone == "sd3":
+        text_kv = any(p in name for p in SD3_TEXT_KV)
+        if method == "esd-x": return text_kv or name.startswith("context_embedder.")
+        if method == "ac": return text_kv
+        return not name.startswith(SD3_OUTER) and not any(p in name for p in SD3_TEXT_STREAM) # esd-u: the image stream
     if method == "esd-x": return "attn2." in name
     if method == "esd-u":
-        return "attn2." not in name and not name.startswith(("time_embedding.", "conv_norm_out.", "conv_out."))
+        return "attn2." not in name and not name.startswith(("time_embedding.", "add_embedding.", "conv_norm_out.",
+                                                             "conv_out."))
     return "attn2.to_k." in name or "attn2.to_v." in name
 
-def trainable_names(unet: torch.nn.Module, # a UNet2DConditionModel
+def trainable_names(unet: torch.nn.Module, # the denoiser: a UNet2DConditionModel (SD, SDXL) or SD3 transformer
                     method: str, # "ant" (all; a saliency mask narrows it), "esd-x", "esd-u" or "ac"
                    ) -> list[str]:
-    "Names of the UNet parameters `method` fine-tunes."
+    "Names of the denoiser parameters `method` fine-tunes."
     check_choice("method", method, METHODS)
-    return [n for n, _ in unet.named_parameters() if _is_trained(method, n)]
+    kind = backbone_of(unet)
+    return [n for n, _ in unet.named_parameters() if _is_trained(method, n, kind)]

@@ -26,8 +26,8 @@ from .losses import AntLossConfig, ant_loss, draw_steps
 
 # %% auto #0
 __all__ = ['SCOPES', 'KEEPS', 'gradient_map', 'threshold_map', 'count_active', 'intersect', 'plot_active_curves', 'saliency_maps',
-           'saliency_mask', 'check_mask', 'save_mask', 'load_mask', 'cached_saliency_mask', 'masked_parameters',
-           'mask_gradients']
+           'saliency_mask', 'check_mask', 'save_mask', 'load_mask', 'cached_saliency_mask', 'parameter_mask',
+           'masked_parameters', 'mask_gradients']
 
 # %% ../../nbs/api/12_method.saliency.ipynb #da803e8f
 @contextmanager
@@ -46,6 +46,7 @@ def gradient_map(model: DiffusionModel, # the original model θ* (left unchanged
                  config: AntLossConfig = AntLossConfig(), # the loss (λ, η, t', T)
                  n_draws: int = 1, # (t1, t2) draws averaged; 1 is Eq. 4 as written
                  guidance_scale: float = 3.0, # CFG scale of the trajectory giving z_t1, z_t2
+                 names: Sequence[str] | None = None, # parameters whose gradient is taken (None: all the denoiser's)
                 ) -> dict[str, torch.Tensor]:
     "∇_θ L (Eq. 3) at θ*, for one prompt and seed: parameter name → gradient (same shape, float32, on the model's device)."
     check_range("n_draws", n_draws, 1, 1_000_000)
@@ -58,7 +59,8 @@ def gradient_map(model: DiffusionModel, # the original model θ* (left unchanged
     table = paper_timesteps(model.scheduler, T).to(model.device)
     ts1, ts2 = paper_step_to_timestep(table, t1), paper_step_to_timestep(table, t2)
     z1, z2 = (torch.cat([zs[int(t)] for t in s]) for s in (t1, t2))
-    names, params = zip(*model.unet.named_parameters())
+    keep = None if names is None else set(names)
+    names, params = zip(*[(n, p) for n, p in model.unet.named_parameters() if keep is None or n in keep])
     with _requires_grad(list(params)):
         loss, _ = ant_loss(model.unet, model.unet, z1, z2, ts1, ts2, cond, uncond, config)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -142,15 +144,19 @@ def saliency_maps(model: DiffusionModel, # the original model θ*
                   n_draws: int = 1, # (t1, t2) draws averaged per map
                   guidance_scale: float = 3.0, # CFG scale of the trajectories
                   progress: bool = True, # tqdm bar over the |C|·|S| maps
+                  names: Sequence[str] | None = None, # parameters the maps cover (None: all); the others are never kept
                  ) -> Iterator[dict[str, torch.Tensor]]:
     "Yield M_{c_i, s_j} (Eq. 4) for every prompt and seed, prompts in the outer loop."
     prompts, seeds = check_nonempty_unique("prompts", prompts), check_nonempty_unique("seeds", seeds)
     if (gamma is None) == (top_fraction is None):
         raise ValueError(f"give exactly one of gamma={gamma!r} and top_fraction={top_fraction!r}")
+    if names is not None: parameter_mask(model.unet, names) # unknown names fail here
     pairs = [(p, s) for p in prompts for s in seeds]
     for p, s in tqdm(pairs, desc="saliency maps", disable=not progress):
-        grads = gradient_map(model, p, s, config, n_draws, guidance_scale)
-        yield threshold_map(grads, gamma, top_fraction, scope, keep)
+        grads = gradient_map(model, p, s, config, n_draws, guidance_scale, names)
+        kept = threshold_map(grads, gamma, top_fraction, scope, keep)
+        yield {n: kept[n] if n in kept else torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+               for n, w in model.unet.named_parameters()}
 
 def saliency_mask(model: DiffusionModel, # the original model θ*
                   prompts: Sequence[str], # C: phrasings of the concept
@@ -158,7 +164,7 @@ def saliency_mask(model: DiffusionModel, # the original model θ*
                   gamma: float | None = None, # absolute threshold γ (Eq. 4)
                   top_fraction: float | None = None, # or: fraction of weights kept per map
                   return_curve: bool = False, # also return the Figure 4 curve (active weights after each map)
-                  **kwargs, # `scope`, `keep`, `config`, `n_draws`, `guidance_scale`, `progress` of `saliency_maps`
+                  **kwargs, # `scope`, `keep`, `config`, `n_draws`, `guidance_scale`, `progress`, `names` of `saliency_maps`
                  ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], list[int]]:
     "Eq. 5: M*, the intersection of the saliency maps of all prompts and seeds."
     return intersect(saliency_maps(model, prompts, seeds, gamma, top_fraction, **kwargs), return_curve=return_curve)
@@ -221,6 +227,17 @@ def cached_saliency_mask(model: DiffusionModel, # the original model θ*
     mask, curve = saliency_mask(model, prompts, seeds, return_curve=True, **kwargs)
     save_mask(mask, path, dict(settings=settings, curve=json.dumps(curve)))
     return mask, curve
+
+# %% ../../nbs/api/12_method.saliency.ipynb #49356562
+def parameter_mask(denoiser: torch.nn.Module, # UNet or SD3 transformer
+                   names: Sequence[str], # parameter names to keep (e.g. from `ant_nb.method.losses.trainable_names`)
+                  ) -> dict[str, torch.Tensor]:
+    "A mask (every parameter name → bool tensor) that keeps the whole tensors `names` and no other weight."
+    shapes = {n: p for n, p in denoiser.named_parameters()}
+    unknown = sorted(set(names) - shapes.keys())
+    if unknown: raise ValueError(f"names holds {len(unknown)} names the denoiser does not have (e.g. {unknown[:2]})")
+    keep = set(names)
+    return {n: torch.full(p.shape, n in keep, dtype=torch.bool, device=p.device) for n, p in shapes.items()}
 
 # %% ../../nbs/api/12_method.saliency.ipynb #e07e0193
 def masked_parameters(unet: torch.nn.Module, # the UNet to be trained (its `requires_grad` flags are set)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..base.backbones import Conditioning, same_conditions
 from ..base.checks import check_choice, check_nonempty_unique, check_positive, check_range
 from ..base.files import atomic_save_safetensors
 from ..base.model import DiffusionModel, encode_prompts
@@ -130,9 +131,9 @@ def trajectories_from_file(file: str | Path | None, # safetensors holding `laten
     return lat
 
 # %% ../../nbs/api/11_method.trajectories.ipynb #59de1f1c
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    "Whether two embedding tensors hold the same values (compared on `a`'s device and dtype)."
-    return a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype))
+def _same(a: torch.Tensor | Conditioning, b: torch.Tensor | Conditioning) -> bool:
+    "Whether two text conditionings hold the same values (compared on `a`'s device and dtype)."
+    return same_conditions(a, b)
 
 def _reusable(eps, latents: TrajectoryLatents, frozen_unet, cond: torch.Tensor, uncond: torch.Tensor | None) -> bool:
     """Whether the trajectories' recorded predictions are the frozen UNet's at the loss's inputs: same UNet object as

@@ -1,6 +1,6 @@
 """What each difference between the official ANT-fusion code and the package's toy preset changes (issue 24).
 
-Starting from the `"official"` preset (`ant_nb.method.multi.multi_preset`), each row reverts one setting to the toy
+Starting from the `"official"` preset (`ant_nb.method.presets.multi_preset`), each row reverts one setting to the toy
 preset's value; the last row is the toy preset itself. Every row erases the multi-concept study's characters (or
 styles) at training seed `--seed` and is scored on the study's validation split (`ant_nb.studies.multi.MultiStudy`,
 80 prompts), so rows differ in one setting only. Runs that differ only in the fusion share their LoRAs. Writes
