@@ -27,8 +27,8 @@ from ..toy.train import ToyTrainConfig, export_toy_model, train_toy_model, train
 from ..toy.vae import ToyVAEConfig, train_toy_vae, vae_report
 
 # %% auto #0
-__all__ = ['ToyworldSettings', 'train_toyworld', 'train_curve', 'vae_table', 'context_table', 'judge_table', 'quality_table',
-           'record_toyworld']
+__all__ = ['ToyworldSettings', 'train_toyworld', 'train_curve', 'vae_quality', 'vae_table', 'context_table', 'judge_table',
+           'quality_table', 'record_toyworld']
 
 # %% ../../nbs/api/43_experiments.toyworld.ipynb #c5321070
 @dataclass
@@ -97,12 +97,19 @@ def train_curve(s: ToyworldSettings):
     return fig
 
 # %% ../../nbs/api/43_experiments.toyworld.ipynb #1ac79cc2
+def vae_quality(vae_folder: str | Path, # an `AutoencoderKL.save_pretrained` folder
+                judge_file: str | Path, # the judge of the full-size families
+                n: int = 2000, # held-out rendered images (`vae_report`'s seed)
+               ) -> pd.DataFrame:
+    "The judge's accuracy per family on originals and on the VAE's reconstructions, and a last row with the mean PSNR."
+    report, psnr = vae_report(AutoencoderKL.from_pretrained(project_path(vae_folder)), load_judge(judge_file), n)
+    psnr_row = dict(family="PSNR (dB)", n=n, original=np.nan, reconstruction=psnr)
+    return pd.concat([report, pd.DataFrame([psnr_row])], ignore_index=True)
+
 def vae_table(s: ToyworldSettings) -> pd.DataFrame | None:
-    "The judge's accuracy per family on originals and on the VAE's reconstructions (latent models); written as vae.*."
+    "`vae_quality` of the latent model's VAE (None for a pixel model); written as vae.*."
     if s.vae_dir is None: return None
-    vae = AutoencoderKL.from_pretrained(project_path(s.vae_dir)/"vae")
-    report, psnr = vae_report(vae, load_judge(s.judge_file))
-    report = pd.concat([report, pd.DataFrame([dict(family="PSNR (dB)", n=len(report), original=np.nan, reconstruction=psnr)])])
+    report = vae_quality(project_path(s.vae_dir)/"vae", s.judge_file)
     save_table(report, project_path(s.out_dir), "vae")
     return report
 

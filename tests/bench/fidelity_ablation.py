@@ -1,10 +1,12 @@
 """What each difference between the official ANT-fusion code and the package's toy preset changes (issue 24).
 
 Starting from the `"official"` preset (`ant_nb.method.presets.multi_preset`), each row reverts one setting to the toy
-preset's value; the last row is the toy preset itself. Every row erases the multi-concept study's characters (or
-styles) at training seed `--seed` and is scored on the study's validation split (`ant_nb.studies.multi.MultiStudy`,
-80 prompts), so rows differ in one setting only. Runs that differ only in the fusion share their LoRAs. Writes
-`outputs/fidelity/ablation_<kind>.{csv,md}`; a killed run resumes (each row's models and images stay in
+preset's value; the last row is the toy preset itself. With `--start toy`, the other direction: the toy preset, then
+one setting set to the official value per row, which shows what each setting does where the method erases. Every row
+erases the multi-concept study's characters (or styles) at training seed `--seed` and is scored on the study's
+validation split (`ant_nb.studies.multi.MultiStudy`, 80 prompts), so rows differ in one setting only. Runs that
+differ only in the fusion share their LoRAs. Writes `outputs/fidelity/ablation_<kind>.{csv,md}`
+(`ablation_<kind>_from_toy` with `--start toy`); a killed run resumes (each row's models and images stay in
 `--work`), and an existing table is never overwritten.
 
     OMP_NUM_THREADS=1 python tests/bench/fidelity_ablation.py --kind celebrity --work /tmp/fidelity
@@ -49,6 +51,29 @@ def variants(kind: str) -> dict[str, dict]:
     return rows
 
 
+def variants_from_toy(kind: str) -> dict[str, dict]:
+    "The other direction: the toy preset, then one setting set to the official preset's value per row."
+    off, toy = multi_preset("official", kind, True), multi_preset("toy", kind, True)
+    fusion = lambda **k: dict(toy, fusion=replace(toy["fusion"], **k))
+    rows = {"toy preset": toy,
+            "lora_scale 1 -> 4.3": fusion(lora_scale=off["fusion"].lora_scale),
+            "beta_domain 1 -> official": fusion(beta_domain=off["fusion"].beta_domain),
+            "beta_prior 1 -> 2e-12": fusion(beta_prior=off["fusion"].beta_prior),
+            "lamb 0.01 -> 0": fusion(lamb=off["fusion"].lamb),
+            "positions from_concept -> all": fusion(positions=off["fusion"].positions),
+            "all five fusion settings -> official": dict(toy, fusion=off["fusion"]),
+            "LoRA prompts: templates -> bare name": dict(toy, templates=off["templates"]),
+            "LoRA rank 4 K/V -> rank 64 all layers": dict(toy, lora=off["lora"]),
+            "steps 20 -> 10": dict(toy, steps=off["steps"]),
+            "lr 5e-3 -> 5e-4": dict(toy, lr=off["lr"]),
+            "loss Table 6 -> t'=46, lambdas (2, 2.5, 5)": dict(toy, loss_config=off["loss_config"]),
+            "LoRA batch 1 -> 2": dict(toy, lora_batch=off["lora_batch"]),
+            "Adam -> AdamW": dict(toy, optimizer=off["optimizer"]),
+            "trajectory cache 2 -> 16": dict(toy, cache_size=off["cache_size"]),
+            "official": off}
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kind", default="celebrity", choices=["celebrity", "art"])
@@ -56,31 +81,33 @@ def main():
     p.add_argument("--seed", type=int, default=1000, help="training seed (the study's validation seed)")
     p.add_argument("--work", required=True, help="folder of the rows' models, LoRAs, trajectories and images")
     p.add_argument("--rows", nargs="*", help="only these rows (default: all)")
+    p.add_argument("--start", default="official", choices=["official", "toy"],
+                   help="the preset each row changes one setting of (toy: writes ablation_<kind>_from_toy)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    out = project_path("outputs/fidelity")
-    if (out / f"ablation_{a.kind}.csv").exists(): raise FileExistsError(f"{out}/ablation_{a.kind}.csv exists")
+    out, name = project_path("outputs/fidelity"), f"ablation_{a.kind}" + ("_from_toy" if a.start == "toy" else "")
+    if (out / f"{name}.csv").exists(): raise FileExistsError(f"{out}/{name}.csv exists")
     work = Path(a.work)
     model = load_model(a.model)
     st = MultiStudy(model, load_backend(model), work / "study",
                     MultiStudySettings.for_kind(a.kind, allow_leaks=True, official_methods=[]))
     table, gram, x = st.tables["validation"], st.prepare(), st.x
     results = []
-    for name, kw in variants(a.kind).items():
-        if a.rows and name not in a.rows: continue
-        t0, slug = time.time(), "".join(ch if ch.isalnum() else "_" for ch in name)
+    for row, kw in (variants if a.start == "official" else variants_from_toy)(a.kind).items():
+        if a.rows and row not in a.rows: continue
+        t0, slug = time.time(), "".join(ch if ch.isalnum() else "_" for ch in row)
         erased = erase_concepts(model, st.erase, st.keep, "ant-fusion", work / "models" / slug, prior_prompts=gram,
                                 seed=a.seed, trajectory_dir=work / "trajectories", lora_dir=work / "loras",
                                 progress=False, **kw)
         images = eval_images(erased, table, work / "images" / slug, x["guidance_scale"], x["num_steps"],
                              x["batch_size"], progress=False)
         values = st.outcomes(images, table)
-        row = dict(row=name, **{k: round(float(f(values)), 4) for k, f in st.stats["validation"].items()},
+        result = dict(row=row, **{k: round(float(f(values)), 4) for k, f in st.stats["validation"].items()},
                    seconds=round(time.time() - t0, 1))
-        results.append(row)
-        print(row, flush=True)
+        results.append(result)
+        print(result, flush=True)
     df = pd.DataFrame(results).assign(kind=a.kind, model=a.model, seed=a.seed, prompts=len(table))
-    save_table(df, out, f"ablation_{a.kind}")
+    save_table(df, out, name)
     print(df.to_string())
 
 
