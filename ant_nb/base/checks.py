@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import types
 from typing import Any, Iterable
 
 import numpy as np
@@ -128,9 +129,13 @@ def settings_from(namespace: dict, # e.g. a notebook's `globals()`
                   names: list[str], # the settings to read
                   where: str, # who needs them, for the error message (e.g. "20_nsfw")
                  ) -> dict:
-    "The values of `names` in `namespace`, else a `ValueError` naming the missing ones."
+    """The values of `names` in `namespace`, else a `ValueError` naming the missing ones, or the ones that hold a
+    function, class or module (a later import or definition that reuses a parameter's name hides the value given)."""
     missing = [n for n in names if n not in namespace]
     if missing: raise ValueError(f"{where}: the parameters {missing} are not set; its parameters cell defines every one")
+    hidden = [n for n in names if callable(namespace[n]) or isinstance(namespace[n], types.ModuleType)]
+    if hidden: raise ValueError(f"{where}: the parameters {hidden} hold a function or module, not a value: "
+                                "a later import or definition reuses the name")
     return {n: namespace[n] for n in names}
 
 def check_device(device: str | torch.device, # "cpu", "cuda", "cuda:1", "mps"

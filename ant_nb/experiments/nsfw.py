@@ -32,7 +32,7 @@ from ..studies.transfer import PHRASING_FORMS, preset_transfer, transfer_verdict
 
 # %% auto #0
 __all__ = ['NAMES', 'NsfwSettings', 'NsfwRun', 'setup_nsfw', 'figure4', 'nsfw_runs', 'erase_and_score', 'nsfw_tables',
-           'nsfw_grid', 'losses_figure', 'record_nsfw', 'nsfw_verdict', 'nsfw_study', 'record_study', 'transfer_check']
+           'nsfw_grid', 'losses_figure', 'record_nsfw', 'nsfw_verdict', 'nsfw_study', 'record_study', 'transfer_tables']
 
 # %% ../../nbs/api/41_experiments.nsfw.ipynb #02772c1f
 @dataclass
@@ -243,7 +243,7 @@ def record_study(run: NsfwRun, st: Study) -> Path:
     return write_run_json(st.out, asdict(st.s), backend=run.metrics.name, evaluator=evaluator_record(run.metrics),
                           prompt_sources=sources, evaluation_seeds=seeds)
 
-def transfer_check(run: NsfwRun, st: Study) -> dict[str, pd.DataFrame]:
+def transfer_tables(run: NsfwRun, st: Study) -> dict[str, pd.DataFrame]:
     "The chosen presets on new concepts, and the variants' verdicts; written into the study folder."
     s, out = run.s, {}
     out["transfer"] = preset_transfer(st, s.transfer_arms)
