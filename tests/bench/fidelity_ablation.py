@@ -29,49 +29,46 @@ from ant_nb.method.presets import multi_preset
 from ant_nb.studies.multi import MultiStudy, MultiStudySettings
 
 
-def variants(kind: str) -> dict[str, dict]:
-    "Row name -> `erase_concepts` settings: the official preset, one setting reverted per row, and the toy preset."
-    off, toy = multi_preset("official", kind, True), multi_preset("toy", kind, True)
-    fusion = lambda **k: dict(off, fusion=replace(off["fusion"], **k))
-    rows = {"official": off,
-            "lora_scale 4.3 -> 1": fusion(lora_scale=1.0),
-            "beta_domain -> 1": fusion(beta_domain=toy["fusion"].beta_domain),
-            "beta_prior 2e-12 -> 1": fusion(beta_prior=toy["fusion"].beta_prior),
-            "lamb 0 -> 0.01": fusion(lamb=toy["fusion"].lamb),
-            "positions all -> from_concept": fusion(positions=toy["fusion"].positions),
-            "LoRA prompts: bare name -> templates": dict(off, templates=toy["templates"]),
-            "LoRA rank 64 all layers -> rank 4 K/V": dict(off, lora=toy["lora"]),
-            "steps 10 -> 20": dict(off, steps=toy["steps"]),
-            "lr 5e-4 -> 5e-3": dict(off, lr=toy["lr"]),
-            "loss t'=46, lambdas (2, 2.5, 5) -> Table 6": dict(off, loss_config=toy["loss_config"]),
-            "LoRA batch 2 -> 1": dict(off, lora_batch=toy["lora_batch"]),
-            "AdamW -> Adam": dict(off, optimizer=toy["optimizer"]),
-            "trajectory CFG 2.5 -> 3": dict(off, trajectory_guidance=toy["trajectory_guidance"]),
-            "toy preset": toy}
-    return rows
+def _fusion(field: str):
+    "Copy one fusion setting from preset `src` into preset `base`."
+    return lambda base, src: dict(base, fusion=replace(base["fusion"], **{field: getattr(src["fusion"], field)}))
 
 
-def variants_from_toy(kind: str) -> dict[str, dict]:
-    "The other direction: the toy preset, then one setting set to the official preset's value per row."
-    off, toy = multi_preset("official", kind, True), multi_preset("toy", kind, True)
-    fusion = lambda **k: dict(toy, fusion=replace(toy["fusion"], **k))
-    rows = {"toy preset": toy,
-            "lora_scale 1 -> 4.3": fusion(lora_scale=off["fusion"].lora_scale),
-            "beta_domain 1 -> official": fusion(beta_domain=off["fusion"].beta_domain),
-            "beta_prior 1 -> 2e-12": fusion(beta_prior=off["fusion"].beta_prior),
-            "lamb 0.01 -> 0": fusion(lamb=off["fusion"].lamb),
-            "positions from_concept -> all": fusion(positions=off["fusion"].positions),
-            "all five fusion settings -> official": dict(toy, fusion=off["fusion"]),
-            "LoRA prompts: templates -> bare name": dict(toy, templates=off["templates"]),
-            "LoRA rank 4 K/V -> rank 64 all layers": dict(toy, lora=off["lora"]),
-            "steps 20 -> 10": dict(toy, steps=off["steps"]),
-            "lr 5e-3 -> 5e-4": dict(toy, lr=off["lr"]),
-            "loss Table 6 -> t'=46, lambdas (2, 2.5, 5)": dict(toy, loss_config=off["loss_config"]),
-            "LoRA batch 1 -> 2": dict(toy, lora_batch=off["lora_batch"]),
-            "Adam -> AdamW": dict(toy, optimizer=off["optimizer"]),
-            "trajectory cache 2 -> 16": dict(toy, cache_size=off["cache_size"]),
-            "official": off}
-    return rows
+def _key(key: str):
+    "Copy one `erase_concepts` setting from preset `src` into preset `base`."
+    return lambda base, src: dict(base, **{key: src[key]})
+
+
+# (row name starting from official, row name starting from toy (None: no such row), how to copy the setting)
+CHANGES = [("lora_scale 4.3 -> 1", "lora_scale 1 -> 4.3", _fusion("lora_scale")),
+           ("beta_domain -> 1", "beta_domain 1 -> official", _fusion("beta_domain")),
+           ("beta_prior 2e-12 -> 1", "beta_prior 1 -> 2e-12", _fusion("beta_prior")),
+           ("lamb 0 -> 0.01", "lamb 0.01 -> 0", _fusion("lamb")),
+           ("positions all -> from_concept", "positions from_concept -> all", _fusion("positions")),
+           (None, "all five fusion settings -> official", _key("fusion")),
+           ("LoRA prompts: bare name -> templates", "LoRA prompts: templates -> bare name", _key("templates")),
+           ("LoRA rank 64 all layers -> rank 4 K/V", "LoRA rank 4 K/V -> rank 64 all layers", _key("lora")),
+           ("steps 10 -> 20", "steps 20 -> 10", _key("steps")),
+           ("lr 5e-4 -> 5e-3", "lr 5e-3 -> 5e-4", _key("lr")),
+           ("loss t'=46, lambdas (2, 2.5, 5) -> Table 6", "loss Table 6 -> t'=46, lambdas (2, 2.5, 5)",
+            _key("loss_config")),
+           ("LoRA batch 2 -> 1", "LoRA batch 1 -> 2", _key("lora_batch")),
+           ("AdamW -> Adam", "Adam -> AdamW", _key("optimizer")),
+           ("trajectory CFG 2.5 -> 3", None, _key("trajectory_guidance")),
+           (None, "trajectory cache 2 -> 16", _key("cache_size"))]
+
+
+def variants(kind: str, start: str = "official") -> dict[str, dict]:
+    """Row name -> `erase_concepts` settings: the `start` preset ("official" or "toy"), one setting taken from the
+    other preset per row, then the other preset itself."""
+    names = {"official": "official", "toy": "toy preset"}
+    presets = {p: multi_preset(p, kind, True) for p in names}
+    other = "toy" if start == "official" else "official"
+    base, src = presets[start], presets[other]
+    rows = {names[start]: base}
+    for from_official, from_toy, copy in CHANGES:
+        if (name := from_official if start == "official" else from_toy): rows[name] = copy(base, src)
+    return rows | {names[other]: src}
 
 
 def main():
@@ -93,7 +90,7 @@ def main():
                     MultiStudySettings.for_kind(a.kind, allow_leaks=True, official_methods=[]))
     table, gram, x = st.tables["validation"], st.prepare(), st.x
     results = []
-    for row, kw in (variants if a.start == "official" else variants_from_toy)(a.kind).items():
+    for row, kw in variants(a.kind, a.start).items():
         if a.rows and row not in a.rows: continue
         t0, slug = time.time(), "".join(ch if ch.isalnum() else "_" for ch in row)
         erased = erase_concepts(model, st.erase, st.keep, "ant-fusion", work / "models" / slug, prior_prompts=gram,
