@@ -23,8 +23,8 @@ from ..base.model import DiffusionModel, encode_prompts, with_unet
 
 # %% auto #0
 __all__ = ['EDIT_FILE', 'GramCache', 'FusionAccumulator', 'closed_form_fuse', 'kv_projections', 'fuse_into_unet',
-           'concept_token_span', 'token_embeddings', 'gram_from_prompts', 'anchor_pairs', 'FusionSettings',
-           'preservation_terms', 'save_edit', 'load_edit']
+           'concept_token_span', 'text_states', 'token_embeddings', 'gram_from_prompts', 'anchor_pairs',
+           'FusionSettings', 'preservation_terms', 'save_edit', 'load_edit']
 
 # %% ../../nbs/api/16_method.fusion.ipynb #e12f027c
 def _as_rows(embs: Tensor, # token embeddings (n, in) or encoded prompts (N, L, in)
@@ -239,6 +239,13 @@ def concept_token_span(tokenizer, # the model's tokenizer
 # %% ../../nbs/api/16_method.fusion.ipynb #e592ac97
 _POSITIONS = ["from_concept", "concept", "all"]
 
+def text_states(model, # an ant_nb.base.model.DiffusionModel (SD 1.x or SDXL)
+                prompts: list[str], # prompts to encode
+               ) -> Tensor:
+    "(N, L, D) the text states the cross-attention keys and values read (SDXL: the `Conditioning`'s hidden states)."
+    emb = encode_prompts(model, prompts)
+    return getattr(emb, "hidden", emb)
+
 def token_embeddings(model, # an ant_nb.base.model.DiffusionModel
                      prompts: list[str], # prompts to encode
                      concept: str | None = None, # the concept's words (needed unless positions="all")
@@ -253,7 +260,7 @@ def token_embeddings(model, # an ant_nb.base.model.DiffusionModel
     out = []
     for i in range(0, len(prompts), batch_size):
         batch = list(prompts[i:i + batch_size])
-        emb = encode_prompts(model, batch) # (N, L, D)
+        emb = text_states(model, batch) # (N, L, D)
         for p, row in zip(batch, emb):
             if positions == "all": out.append(row); continue
             start, stop = concept_token_span(model.tokenizer, p, concept)
@@ -285,7 +292,7 @@ def anchor_pairs(model, # an ant_nb.base.model.DiffusionModel
     "Concept embeddings (n, D) and aligned anchor embeddings (n, D) from each prompt and its copy with concept → anchor."
     if isinstance(prompts, str) or not prompts: raise ValueError(f"prompts={prompts!r} must be a non-empty list of strings")
     anchored = [p.replace(concept, anchor, 1) for p in prompts]
-    emb, emb_a = encode_prompts(model, list(prompts)), encode_prompts(model, anchored)
+    emb, emb_a = text_states(model, list(prompts)), text_states(model, anchored)
     es, ans = [], []
     for p, a, e, ea in zip(prompts, anchored, emb, emb_a):
         start, stop = concept_token_span(model.tokenizer, p, concept)

@@ -40,6 +40,13 @@ __all__ = ['erase_concepts', 'main']
 # %% ../../nbs/api/17_method.multi.ipynb #b992d0f7
 _FUSION_METHODS = ("ant-fusion", "mace-fusion")
 
+def _check_backbone(model, method: str):
+    """Raise before any work unless `model`'s family can take `method`: the edits change SD's cross-attention keys and
+    values, which SDXL's UNet has too (MACE's attention probe: SD 1.x only); SD3 has no cross-attention (ESD-x only)."""
+    runs = {"sd": MULTI_METHODS, "sdxl": tuple(m for m in MULTI_METHODS if m != "mace"), "sd3": ("esd-x",)}[model.backbone]
+    if method not in runs:
+        raise ValueError(f"method={method!r} does not run on this {model.backbone} model; methods here: {list(runs)}")
+
 def _check_prompts_tokenize(model, prompts: dict[str, list[str]]):
     "Raise if the tokenizer loses a concept in one of its prompts (e.g. truncated by a short max length)."
     for c, ps in prompts.items():
@@ -234,6 +241,8 @@ def erase_concepts(model: DiffusionModel, # the base model (not modified)
                   ) -> DiffusionModel:
     "Erase all `concepts` from `model` with `method`, keeping `preserve`; returns the edited model."
     t0 = time.time()
+    check_choice("method", method, MULTI_METHODS)
+    _check_backbone(model, method)
     given = dict(templates=templates, loss_config=loss_config, lora=lora, fusion=fusion, steps=steps, lr=lr,
                  cache_size=cache_size, lora_batch=lora_batch, trajectory_guidance=trajectory_guidance, optimizer=optimizer,
                  fusion_templates=fusion_templates, mace=mace)
