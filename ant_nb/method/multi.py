@@ -136,6 +136,7 @@ def _resolve(model, concepts, preserve, method, templates, prior_prompts, loss_c
              cache_size, seed) -> dict:
     "The checked arguments of `erase_concepts`, defaults filled in, the concepts' prompts, and `params`: the run's record."
     check_choice("method", method, MULTI_METHODS)
+    _check_backbone(model, method)
     concepts, preserve = check_concept_groups(concepts, preserve)
     if isinstance(templates, str): check_choice("templates", templates, list(TEMPLATES))
     prompts = {c: concept_prompts(c, templates) for c in concepts}
@@ -241,8 +242,6 @@ def erase_concepts(model: DiffusionModel, # the base model (not modified)
                   ) -> DiffusionModel:
     "Erase all `concepts` from `model` with `method`, keeping `preserve`; returns the edited model."
     t0 = time.time()
-    check_choice("method", method, MULTI_METHODS)
-    _check_backbone(model, method)
     given = dict(templates=templates, loss_config=loss_config, lora=lora, fusion=fusion, steps=steps, lr=lr,
                  cache_size=cache_size, lora_batch=lora_batch, trajectory_guidance=trajectory_guidance, optimizer=optimizer,
                  fusion_templates=fusion_templates, mace=mace)
