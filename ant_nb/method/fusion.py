@@ -17,14 +17,15 @@ from fastcore.basics import patch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..base.backbones import backbone_of
 from ..base.checks import check_choice, check_positive
 from ..base.files import atomic_save_safetensors, is_main, wait_for_all
 from ..base.model import DiffusionModel, encode_prompts, with_unet
 
 # %% auto #0
-__all__ = ['EDIT_FILE', 'GramCache', 'FusionAccumulator', 'closed_form_fuse', 'kv_projections', 'fuse_into_unet',
-           'concept_token_span', 'text_states', 'token_embeddings', 'gram_from_prompts', 'anchor_pairs',
-           'FusionSettings', 'preservation_terms', 'save_edit', 'load_edit']
+__all__ = ['EDIT_FILE', 'GramCache', 'FusionAccumulator', 'closed_form_fuse', 'kv_projections', 'edited_projections',
+           'fuse_into_unet', 'concept_token_span', 'text_states', 'token_embeddings', 'gram_from_prompts',
+           'anchor_pairs', 'FusionSettings', 'preservation_terms', 'save_edit', 'load_edit']
 
 # %% ../../nbs/api/16_method.fusion.ipynb #e12f027c
 def _as_rows(embs: Tensor, # token embeddings (n, in) or encoded prompts (N, L, in)
@@ -204,16 +205,27 @@ def kv_projections(unet: nn.Module, # a diffusers UNet2DConditionModel (without 
     if not out: raise ValueError("unet has no cross-attention projections named '*attn2.to_k' / '*attn2.to_v'")
     return out
 
+def edited_projections(denoiser: nn.Module, # a UNet2DConditionModel (SD 1.x, SDXL) or SD3 transformer, without adapters
+                      ) -> dict[str, nn.Linear]:
+    """The linear layers a closed-form edit (Eq. 7, UCE) rewrites: those whose input is the text states alone. SD 1.x and
+    SDXL: every cross-attention key/value projection (`kv_projections`). SD3: `context_embedder` (joint_attention_dim →
+    inner dim), which feeds every joint block's text stream; the blocks' own `add_k_proj` / `add_v_proj` read states
+    already mixed with the image and modulated by the timestep, so no closed form pins their outputs."""
+    if backbone_of(denoiser) != "sd3": return kv_projections(denoiser)
+    if not isinstance(denoiser.context_embedder, nn.Linear):
+        raise ValueError("the transformer has an adapter attached at 'context_embedder'; fuse into a plain copy")
+    return {"context_embedder": denoiser.context_embedder}
+
 # %% ../../nbs/api/16_method.fusion.ipynb #0c55607c
-def fuse_into_unet(unet: nn.Module, # diffusers UNet whose K/V projections are replaced in place
+def fuse_into_unet(unet: nn.Module, # UNet or SD3 transformer whose `edited_projections` are replaced in place
                    concepts: Iterable[tuple[dict[str, Tensor], Tensor]], # (deltas by module name, token embeddings) per concept
                    preserve: Iterable[tuple[Tensor | GramCache, float]] = (), # (embeddings or Gram cache, β) per preservation term
                    lamb: float = 0.0, # ridge weight λ on ‖W* − W‖²_F
                    progress: bool = True, # show a progress bar over concepts
                   ) -> dict[str, Tensor]:
-    "Fuse per-concept K/V updates into every cross-attention projection of `unet` (Eq. 7); returns the new weights."
+    "Fuse per-concept updates into every edited projection of `unet` (Eq. 7: SD's K/V, SD3's `context_embedder`); returns the new weights."
     check_positive("lamb", lamb, strict=False)
-    layers = kv_projections(unet)
+    layers = edited_projections(unet)
     acc = FusionAccumulator({n: m.weight for n, m in layers.items()})
     for deltas, embs in tqdm(concepts, desc="fusing concepts", disable=not progress):
         acc.add_concept(deltas, embs)
@@ -227,9 +239,10 @@ def fuse_into_unet(unet: nn.Module, # diffusers UNet whose K/V projections are r
 def concept_token_span(tokenizer, # the model's tokenizer
                        prompt: str, # a prompt that contains the concept
                        concept: str, # the concept's words, e.g. "Tom Hanks"
+                       max_length: int | None = None, # padded length (None: the tokenizer's `model_max_length`)
                       ) -> tuple[int, int]:
     "Positions [start, stop) of the concept's tokens in the padded token sequence of `prompt` (its first occurrence)."
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    ids = tokenizer(prompt, padding="max_length", max_length=max_length or tokenizer.model_max_length, truncation=True).input_ids
     sub = tokenizer(concept, add_special_tokens=False).input_ids
     if not sub: raise ValueError(f"concept={concept!r} has no tokens")
     for i in range(len(ids) - len(sub) + 1):
@@ -239,12 +252,18 @@ def concept_token_span(tokenizer, # the model's tokenizer
 # %% ../../nbs/api/16_method.fusion.ipynb #e592ac97
 _POSITIONS = ["from_concept", "concept", "all"]
 
-def text_states(model, # an ant_nb.base.model.DiffusionModel (SD 1.x or SDXL)
+def text_states(model, # an ant_nb.base.model.DiffusionModel (SD 1.x, SDXL or SD3)
                 prompts: list[str], # prompts to encode
                ) -> Tensor:
-    "(N, L, D) the text states the cross-attention keys and values read (SDXL: the `Conditioning`'s hidden states)."
+    """(N, L, D) the text states the edited projections read: SD's encoder states, SDXL's `Conditioning.hidden`, SD3's
+    (N, 77 + 256, D_joint) CLIP rows then T5 rows (zeros when the model has no T5)."""
     emb = encode_prompts(model, prompts)
     return getattr(emb, "hidden", emb)
+
+def _t5_start(model) -> int | None:
+    "SD3 with T5: the row where the T5 states begin in `text_states` (after CLIP's 77); otherwise None."
+    has_t5 = getattr(model, "backbone", "sd") == "sd3" and getattr(model, "text_encoder_3", None) is not None
+    return model.tokenizer.model_max_length if has_t5 else None
 
 def token_embeddings(model, # an ant_nb.base.model.DiffusionModel
                      prompts: list[str], # prompts to encode
@@ -252,7 +271,8 @@ def token_embeddings(model, # an ant_nb.base.model.DiffusionModel
                      positions: str = "from_concept", # which token positions to keep: "from_concept", "concept", "all"
                      batch_size: int = 64, # prompts per text-encoder call
                     ) -> Tensor:
-    "Text-encoder token embeddings (n, D) of `prompts` at the chosen positions, as the K/V projections read them."
+    """Text-encoder token embeddings (n, D) of `prompts` at the chosen positions, as the edited projections read them
+    (SD3 with T5: the CLIP positions, and every T5 row)."""
     check_choice("positions", positions, _POSITIONS)
     check_positive("batch_size", batch_size)
     if isinstance(prompts, str) or not prompts: raise ValueError(f"prompts={prompts!r} must be a non-empty list of strings")
@@ -263,8 +283,9 @@ def token_embeddings(model, # an ant_nb.base.model.DiffusionModel
         emb = text_states(model, batch) # (N, L, D)
         for p, row in zip(batch, emb):
             if positions == "all": out.append(row); continue
-            start, stop = concept_token_span(model.tokenizer, p, concept)
-            out.append(row[start:stop] if positions == "concept" else row[start:])
+            start, stop, t5 = *concept_token_span(model.tokenizer, p, concept), _t5_start(model)
+            out.append(row[start:] if positions == "from_concept" else row[start:stop])
+            if positions == "concept" and t5: out.append(row[t5:]) # T5 is bidirectional: every T5 state reads the concept
     return torch.cat(out).float()
 
 # %% ../../nbs/api/16_method.fusion.ipynb #615010b0
@@ -293,14 +314,26 @@ def anchor_pairs(model, # an ant_nb.base.model.DiffusionModel
     if isinstance(prompts, str) or not prompts: raise ValueError(f"prompts={prompts!r} must be a non-empty list of strings")
     anchored = [p.replace(concept, anchor, 1) for p in prompts]
     emb, emb_a = text_states(model, list(prompts)), text_states(model, anchored)
-    es, ans = [], []
-    for p, a, e, ea in zip(prompts, anchored, emb, emb_a):
-        start, stop = concept_token_span(model.tokenizer, p, concept)
-        k_a = len(model.tokenizer(anchor, add_special_tokens=False).input_ids) if anchor.strip() else 0
-        tail = min(e.shape[0] - stop, ea.shape[0] - (start + k_a)) # aligned positions after the span
-        es.append(torch.cat([e[start:stop], e[stop:stop + tail]]))
-        ans.append(torch.cat([ea[start + max(k_a - 1, 0)].expand(stop - start, -1), ea[start + k_a:start + k_a + tail]]))
-    return torch.cat(es).float(), torch.cat(ans).float()
+    t5, pairs = _t5_start(model), []
+    for p, e, ea in zip(prompts, emb, emb_a):
+        n = t5 or e.shape[0]
+        pairs.append(_span_pairs(e[:n], ea[:n], model.tokenizer, p, concept, anchor, prefix=False))
+        if t5: pairs.append(_span_pairs(e[n:], ea[n:], model.tokenizer_3, p, concept, anchor, prefix=True))
+    # (T5's rows are paired by position after the span; a bidirectional encoder changes them all, so this is approximate)
+    return torch.cat([s for s, _ in pairs]).float(), torch.cat([a for _, a in pairs]).float()
+
+def _span_pairs(e: Tensor, ea: Tensor, # one encoder's rows (L, D) of a prompt and of its anchored copy
+                tokenizer, prompt: str, concept: str, anchor: str,
+                prefix: bool, # also pair the rows before the span (a bidirectional encoder: T5)
+               ) -> tuple[Tensor, Tensor]:
+    "The concept's rows -> the anchor's last token; the rows after the span (and, `prefix`, before it) -> their aligned rows."
+    start, stop = concept_token_span(tokenizer, prompt, concept, e.shape[0])
+    k_a = len(tokenizer(anchor, add_special_tokens=False).input_ids) if anchor.strip() else 0
+    tail, head = min(e.shape[0] - stop, ea.shape[0] - (start + k_a)), start if prefix else 0
+    src = torch.cat([e[start - head:start], e[start:stop], e[stop:stop + tail]])
+    dst = torch.cat([ea[start - head:start], ea[start + max(k_a - 1, 0)].expand(stop - start, -1),
+                     ea[start + k_a:start + k_a + tail]])
+    return src, dst
 
 # %% ../../nbs/api/16_method.fusion.ipynb #860818d4
 @dataclass

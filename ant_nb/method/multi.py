@@ -26,7 +26,7 @@ from ..base.model import DiffusionModel, load_model
 from ..base.report import write_run_json
 from .erase import erase_concept
 from .fusion import (EDIT_FILE, FusionAccumulator, FusionSettings, GramCache, anchor_pairs,
-                                  concept_token_span, fuse_into_unet, kv_projections, load_edit, preservation_terms,
+                                  concept_token_span, edited_projections, fuse_into_unet, load_edit, preservation_terms,
                                   save_edit, token_embeddings)
 from .lora import LoraSettings, TEMPLATES, concept_prompts, is_trained, lora_deltas, train_concept_lora
 from .losses import AntLossConfig, paper_config, trainable_names
@@ -41,9 +41,10 @@ __all__ = ['erase_concepts', 'main']
 _FUSION_METHODS = ("ant-fusion", "mace-fusion")
 
 def _check_backbone(model, method: str):
-    """Raise before any work unless `model`'s family can take `method`: the edits change SD's cross-attention keys and
-    values, which SDXL's UNet has too (MACE's attention probe: SD 1.x only); SD3 has no cross-attention (ESD-x only)."""
-    runs = {"sd": MULTI_METHODS, "sdxl": tuple(m for m in MULTI_METHODS if m != "mace"), "sd3": ("esd-x",)}[model.backbone]
+    """Raise before any work unless `model`'s family can take `method`: the closed-form edits change SD's and SDXL's
+    cross-attention keys and values and SD3's `context_embedder` (`edited_projections`); MACE's attention probe is
+    SD 1.x's."""
+    runs = {"sd": MULTI_METHODS}.get(model.backbone, tuple(m for m in MULTI_METHODS if m != "mace"))
     if method not in runs:
         raise ValueError(f"method={method!r} does not run on this {model.backbone} model; methods here: {list(runs)}")
 
@@ -52,14 +53,22 @@ def _check_prompts_tokenize(model, prompts: dict[str, list[str]]):
     for c, ps in prompts.items():
         for p in ps: concept_token_span(model.tokenizer, p, c)
 
+_SD_KV = LoraSettings().target_modules # the LoRAs' default targets: SD's cross-attention keys and values
+
+def _lora_for(model, lora):
+    "SD3 has no `attn2`: LoRAs left at SD's K/V targets train what its fusion edits, `context_embedder`."
+    if model.backbone == "sd3" and isinstance(lora, LoraSettings) and lora.target_modules == _SD_KV:
+        return replace(lora, target_modules=("context_embedder",))
+    return lora
+
 def _check_lora_targets(unet, settings: LoraSettings):
-    "Raise if the LoRAs would not train every cross-attention K/V projection (the weights fusion merges; others are dropped)."
+    "Raise if the LoRAs would not train every layer the fusion merges (`edited_projections`; other layers are dropped)."
     if settings.target_modules == ("all",): return
-    kv = set(kv_projections(unet))
+    kv = set(edited_projections(unet))
     hits = {n for n, _ in unet.named_modules() for t in settings.target_modules if n == t or n.endswith("." + t)}
     if not kv <= hits:
         raise ValueError(f"lora.target_modules={list(settings.target_modules)} leaves {sorted(kv - hits)[:2]} without a LoRA; "
-                         "fusion merges the cross-attention projections ('attn2.to_k', 'attn2.to_v'): include them, or ('all',)")
+                         f"fusion merges {sorted(kv)[:2]}...: include them, or ('all',)")
 
 # %% ../../nbs/api/17_method.multi.ipynb #1e75150e
 def _latents_file(trajectory_dir: Path, model, concept: str, prompts: list[str], loss_config, cache_size, seed,
@@ -102,19 +111,19 @@ def _train_loras(model, concepts, prompts, root: Path, loss: str, loss_config, l
 
 # %% ../../nbs/api/17_method.multi.ipynb #fd1c7598
 def _fuse(model, concepts, prompts, dirs, terms, fusion, progress) -> tuple[nn.Module, list[str]]:
-    "Fuse the concepts' LoRAs into a copy of the UNet's K/V projections (Eq. 7)."
-    unet, kv = copy.deepcopy(model.unet), list(kv_projections(model.unet))
+    "Fuse the concepts' LoRAs into a copy of the denoiser's edited projections (Eq. 7: SD's K/V, SD3's `context_embedder`)."
+    unet, kv = copy.deepcopy(model.unet), list(edited_projections(model.unet))
     def stream():
         for c in concepts:
             deltas = {n: fusion.lora_scale * d for n, d in lora_deltas(dirs[c], modules=kv).items()}
             yield deltas, token_embeddings(model, prompts[c], c, fusion.positions)
     fuse_into_unet(unet, stream(), terms, fusion.lamb, progress)
-    return unet, [n + ".weight" for n in kv_projections(unet)]
+    return unet, [n + ".weight" for n in edited_projections(unet)]
 
 def _uce(model, concepts, prompts, terms, fusion) -> tuple[nn.Module, list[str]]:
     "UCE-style closed-form edit: each concept's tokens are mapped to the anchor's, with the same preservation terms."
     unet = copy.deepcopy(model.unet)
-    layers = kv_projections(unet)
+    layers = edited_projections(unet)
     acc = FusionAccumulator({n: m.weight for n, m in layers.items()})
     for c in concepts: acc.add_anchor(*anchor_pairs(model, prompts[c], c, fusion.anchor))
     for g, beta in terms: acc.add_preserve(g, beta)
@@ -246,7 +255,7 @@ def erase_concepts(model: DiffusionModel, # the base model (not modified)
                  cache_size=cache_size, lora_batch=lora_batch, trajectory_guidance=trajectory_guidance, optimizer=optimizer,
                  fusion_templates=fusion_templates, mace=mace)
     s = preset_settings(model, preset, kind, method, given)
-    lora, fusion, steps, cache_size = s["lora"], s["fusion"], s["steps"], s["cache_size"]
+    lora, fusion, steps, cache_size = _lora_for(model, s["lora"]), s["fusion"], s["steps"], s["cache_size"]
     a = _resolve(model, concepts, preserve, method, s["templates"], prior_prompts, s["loss_config"], lora, fusion, steps,
                  s["lr"], cache_size, seed) | _recipe(model, concepts, method, s["lora_batch"], s["trajectory_guidance"],
                                                       s["optimizer"], s["fusion_templates"], s["templates"])

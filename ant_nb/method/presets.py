@@ -35,9 +35,12 @@ def _official(kind: str, toy: bool) -> dict:
                 loss_config=AntLossConfig(t_prime=46, lambda1=2.0, lambda2=2.5, lambda3=5.0), steps=10, lr=5e-4,
                 lora=LoraSettings(rank=64, alpha=1.0, target_modules=("all",)), cache_size=16, lora_batch=2,
                 trajectory_guidance=TOY_GUIDANCE if toy else 7.5, optimizer="adamw",
-                fusion=FusionSettings(beta_prior=2e-12 if kind == "celebrity" else 1e-12,
-                                      beta_domain=20.0 if kind == "celebrity" else 7.0, lamb=0.0,
-                                      positions="all", lora_scale=4.3))
+                fusion=_official_fusion(kind))
+
+def _official_fusion(kind: str) -> FusionSettings:
+    "The official ANT fusion (`Multiple/fuse_lora_ant.py`, `erase_*_100.yaml`): LoRAs scaled by 4.3, β_domain 20 / 7, β_prior ≈ 0, λ = 0."
+    return FusionSettings(beta_prior=2e-12 if kind == "celebrity" else 1e-12, beta_domain=20.0 if kind == "celebrity" else 7.0,
+                          lamb=0.0, positions="all", lora_scale=4.3)
 
 def multi_preset(preset: str, # "toy", "paper" or "official"
                  kind: str = "celebrity", # "celebrity" or "art": which templates, loss row and domain weight
@@ -49,18 +52,20 @@ def multi_preset(preset: str, # "toy", "paper" or "official"
     check_choice("method", method, MULTI_METHODS)
     if preset == "official" and method == "esd-x": preset = "paper" # ESD has no multi-concept recipe (docs/fidelity.md §4)
     if preset == "official": s = (_official_uce if method == "uce" else _official)(kind, toy)
-    else: s = _text(kind, toy, preset == "toy")
+    else: s = _text(kind, toy, preset == "toy", method)
     mace = MaceSettings.toy if toy else MaceSettings.official # MACE's own code (the toy world: its phrasings and sizes)
     return s | dict(mace=mace("object" if kind == "celebrity" else "style"))
 
-def _text(kind: str, toy: bool, small: bool) -> dict:
-    "The paper's text (`small`: sized for a CPU)."
+def _text(kind: str, toy: bool, small: bool, method: str) -> dict:
+    "The paper's text (`small`: sized for a CPU; its fusion methods fuse as the official code does, the best on validation)."
+    fusion = FusionSettings(beta_prior=1.0, beta_domain=1.0, lamb=1e-2)
+    if small and method in ("ant-fusion", "mace-fusion"): fusion = _official_fusion(kind) # docs/fidelity.md §8
     return dict(templates=_TOY_TEMPLATES[kind] if toy else kind, fusion_templates=None, loss_config=paper_config(kind),
                 steps=20 if small else 50, lora=LoraSettings(rank=4),
                 lr={"esd-x": 1e-4, "ant-fusion": 5e-3, "mace-fusion": 5e-3} if small else None,
                 # toy LoRA lr 5e-3: at 5e-4, 20 steps left the LoRAs near zero (every method equal to the base model)
                 cache_size=2 if small else 16, lora_batch=1, trajectory_guidance=3.0, optimizer="adam",
-                fusion=FusionSettings(beta_prior=1.0, beta_domain=1.0, lamb=1e-2))
+                fusion=fusion)
 
 def preset_settings(model: DiffusionModel, preset: str | None, kind: str, method: str, given: dict) -> dict:
     "The settings of `preset` for `model` (None: \"toy\" on a toy-world model, else \"paper\"), with the `given` ones that are not None."
