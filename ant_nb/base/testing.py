@@ -31,32 +31,6 @@ def _tiny_tokenizer(max_length: int = 16) -> CLIPTokenizer:
             vocab[ch + suffix] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
-def build_tiny_sd(path: str | Path, # output folder (must not hold files yet)
-                  seed: int = 0, # seed of the random initialisation
-                 ) -> Path:
-    "Write a tiny randomly-initialised SD-format pipeline (8×8×4 latents, 16×16 images) to `path`."
-    tokenizer = _tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=8, sample_size=16)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    model = DiffusionModel(unet.eval(), text_encoder.eval(), tokenizer, DDIMScheduler(**_SD_SCHEDULER), vae.eval(),
-                           source="tiny-sd")
-    return save_model(model, path)
-
-# %% ../../nbs/api/06_base.testing.ipynb #0ac2f712
-_SDXL_SCHEDULER = dict(_SD_SCHEDULER, timestep_spacing="leading", interpolation_type="linear") # SDXL's Euler config
-
 def _tiny_text(tokenizer: CLIPTokenizer, width: int, projection: int | None):
     "A 2-layer CLIP text encoder of `width` features, with a projection to `projection` features unless it is None."
     config = CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=width, intermediate_size=2 * width,
@@ -69,6 +43,24 @@ def _tiny_vae(channels: int = 4, **sd3) -> AutoencoderKL:
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(8, 16),
                          layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16, **sd3).eval()
+
+def build_tiny_sd(path: str | Path, # output folder (must not hold files yet)
+                  seed: int = 0, # seed of the random initialisation
+                 ) -> Path:
+    "Write a tiny randomly-initialised SD-format pipeline (8×8×4 latents, 16×16 images) to `path`."
+    tokenizer = _tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+        vae, text_encoder = _tiny_vae(), _tiny_text(tokenizer, 32, None)
+    model = DiffusionModel(unet.eval(), text_encoder, tokenizer, DDIMScheduler(**_SD_SCHEDULER), vae, source="tiny-sd")
+    return save_model(model, path)
+
+# %% ../../nbs/api/06_base.testing.ipynb #0ac2f712
+_SDXL_SCHEDULER = dict(_SD_SCHEDULER, timestep_spacing="leading", interpolation_type="linear") # SDXL's Euler config
 
 def build_tiny_sdxl(path: str | Path, # output folder (must not hold files yet)
                     seed: int = 0, # seed of the random initialisation
