@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,8 +67,27 @@ class Checkpointer:
         folder = self.directory/f"step-{steps[-1]}"
         for name, m in modules.items(): m.load_state_dict(load_file(folder/f"weights-{name}.safetensors"))
         state = torch.load(folder/"state.pt", weights_only=True)
-        for k, o in (optimizers or {}).items(): o.load_state_dict(state["optimizers"][k])
+        for k, o in (optimizers or {}).items():
+            if k in state["optimizers"]: o.load_state_dict(state["optimizers"][k])
+            else: warnings.warn(f"{folder} holds no state of optimizer {k!r} (a portable copy): it restarts")
         for k, g in (generators or {}).items(): g.set_state(state["generators"][k])
         torch.set_rng_state(state["cpu_rng"])
         self.extra = state["extra"]
         return state["step"]
+
+    def portable(self, dest: str | Path, # a folder to hold the copy, e.g. a committed one
+                ) -> Path:
+        """Copy the newest checkpoint to `dest/step-<n>/` without the optimizers' states (for Adam, as large as the
+        weights twice over): what a run needs to continue on another machine, from the weights, the step, the
+        generators and the RNG, with the optimizers restarting. Returns the copy's folder."""
+        steps = self.steps()
+        if not steps: raise FileNotFoundError(f"{self.directory} holds no complete checkpoint")
+        src, out = self.directory/f"step-{steps[-1]}", Path(dest)/f"step-{steps[-1]}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+        for f in src.glob("weights-*.safetensors"): shutil.copy2(f, tmp/f.name)
+        state = torch.load(src/"state.pt", weights_only=True)
+        torch.save(state | dict(optimizers={}), tmp/"state.pt")
+        if out.exists(): shutil.rmtree(out)
+        os.replace(tmp, out)
+        return out
