@@ -16,7 +16,7 @@ from ant_nb.method.fusion import GramCache, closed_form_fuse
 from ant_nb.method.lora import LoraSettings, lora_deltas
 from ant_nb.method.losses import AntLossConfig
 from ant_nb.method.mace import MaceSettings
-from ant_nb.method.fusion import EDIT_FILE, FusionSettings, load_edit
+from ant_nb.method.edits import EDIT_FILE, FusionSettings, load_edit
 from ant_nb.method.multi import erase_concepts
 from ant_nb.method.presets import MULTI_METHODS
 from ant_nb.base.files import LOCK_FILE

@@ -24,7 +24,7 @@ from ant_nb.method.losses import AntLossConfig
 from ant_nb.method.lora import LORA_FILE, LoraSettings, train_concept_lora
 from ant_nb.base.checkpoints import Checkpointer
 from ant_nb.method.train import finetune
-from ant_nb.method.fusion import FusionSettings
+from ant_nb.method.edits import FusionSettings
 from ant_nb.method.multi import erase_concepts
 from ant_nb.base.images import generate_images as multi_generate_images
 from ant_nb.base.checks import check_device

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from fastcore.basics import patch
 from safetensors.torch import load_file, save_file
 
 from .checks import check_positive
@@ -75,19 +76,22 @@ class Checkpointer:
         self.extra = state["extra"]
         return state["step"]
 
-    def portable(self, dest: str | Path, # a folder to hold the copy, e.g. a committed one
-                ) -> Path:
-        """Copy the newest checkpoint to `dest/step-<n>/` without the optimizers' states (for Adam, as large as the
-        weights twice over): what a run needs to continue on another machine, from the weights, the step, the
-        generators and the RNG, with the optimizers restarting. Returns the copy's folder."""
-        steps = self.steps()
-        if not steps: raise FileNotFoundError(f"{self.directory} holds no complete checkpoint")
-        src, out = self.directory/f"step-{steps[-1]}", Path(dest)/f"step-{steps[-1]}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-        for f in src.glob("weights-*.safetensors"): shutil.copy2(f, tmp/f.name)
-        state = torch.load(src/"state.pt", weights_only=True)
-        torch.save(state | dict(optimizers={}), tmp/"state.pt")
-        if out.exists(): shutil.rmtree(out)
-        os.replace(tmp, out)
-        return out
+
+# %% ../../nbs/api/09_base.checkpoints.ipynb #0c781c43
+@patch
+def portable(self: Checkpointer, dest: str | Path, # a folder to hold the copy, e.g. a committed one
+            ) -> Path:
+    """Copy the newest checkpoint to `dest/step-<n>/` without the optimizers' states (for Adam, as large as the
+    weights twice over): what a run needs to continue on another machine, from the weights, the step, the
+    generators and the RNG, with the optimizers restarting. Returns the copy's folder."""
+    steps = self.steps()
+    if not steps: raise FileNotFoundError(f"{self.directory} holds no complete checkpoint")
+    src, out = self.directory/f"step-{steps[-1]}", Path(dest)/f"step-{steps[-1]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    for f in src.glob("weights-*.safetensors"): shutil.copy2(f, tmp/f.name)
+    state = torch.load(src/"state.pt", weights_only=True)
+    torch.save(state | dict(optimizers={}), tmp/"state.pt")
+    if out.exists(): shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

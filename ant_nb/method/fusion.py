@@ -5,9 +5,6 @@
 # %% ../../nbs/api/16_method.fusion.ipynb #60c2b4bd
 from __future__ import annotations
 
-import copy
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -19,13 +16,12 @@ from tqdm.auto import tqdm
 
 from ..base.backbones import backbone_of
 from ..base.checks import check_choice, check_positive
-from ..base.files import atomic_save_safetensors, is_main, wait_for_all
-from ..base.model import DiffusionModel, encode_prompts, with_unet
+from ..base.files import atomic_save_safetensors
+from ..base.model import encode_prompts
 
 # %% auto #0
-__all__ = ['EDIT_FILE', 'GramCache', 'FusionAccumulator', 'closed_form_fuse', 'kv_projections', 'edited_projections',
-           'fuse_into_unet', 'concept_token_span', 'text_states', 'token_embeddings', 'gram_from_prompts',
-           'anchor_pairs', 'FusionSettings', 'preservation_terms', 'save_edit', 'load_edit']
+__all__ = ['GramCache', 'FusionAccumulator', 'closed_form_fuse', 'kv_projections', 'edited_projections', 'fuse_into_unet',
+           'concept_token_span', 'text_states', 'token_embeddings', 'gram_from_prompts', 'anchor_pairs']
 
 # %% ../../nbs/api/16_method.fusion.ipynb #e12f027c
 def _as_rows(embs: Tensor, # token embeddings (n, in) or encoded prompts (N, L, in)
@@ -334,81 +330,3 @@ def _span_pairs(e: Tensor, ea: Tensor, # one encoder's rows (L, D) of a prompt a
     dst = torch.cat([ea[start - head:start], ea[start + max(k_a - 1, 0)].expand(stop - start, -1),
                      ea[start + k_a:start + k_a + tail]])
     return src, dst
-
-# %% ../../nbs/api/16_method.fusion.ipynb #860818d4
-@dataclass
-class FusionSettings:
-    "Weights of the closed-form edits (Eq. 7 for the fusion methods, and UCE)."
-    beta_prior: float = 1.0 # β of prior preservation: every token of the benign captions
-    beta_domain: float = 1.0 # β of domain preservation: every token of the preserved concepts' prompts
-    lamb: float = 1e-2 # ridge λ on ‖W* − W‖²_F (keeps the solve well posed)
-    positions: str = "from_concept" # concept tokens used for erasure: "from_concept", "concept" or "all"
-    anchor: str = "" # UCE: what an erased concept should become ("" drops it; e.g. "a person")
-    lora_scale: float = 1.0 # each LoRA's update ΔW_i is multiplied by this before it enters Eq. 7 (the official
-    # ANT fusion: 4.3; MACE's: 1.0)
-
-    def __post_init__(self):
-        check_positive("beta_prior", self.beta_prior, strict=False)
-        check_positive("beta_domain", self.beta_domain, strict=False)
-        check_positive("lamb", self.lamb, strict=False); check_positive("lora_scale", self.lora_scale)
-        check_choice("positions", self.positions, ["from_concept", "concept", "all"])
-        if not isinstance(self.anchor, str): raise TypeError(f"anchor={self.anchor!r} must be a string")
-
-# %% ../../nbs/api/16_method.fusion.ipynb #9730be28
-def _gram_cached(model, source, path: Path, state, progress: bool) -> GramCache:
-    "A Gram cache from prompts (cached at `path`), a GramCache, or a cache file."
-    if isinstance(source, GramCache): return source
-    if isinstance(source, (str, Path)): return GramCache.load(source, model.device)
-    if path.is_file(): return GramCache.load(path, model.device)
-    gram = gram_from_prompts(model, list(source), progress=progress)
-    if is_main(state): gram.save(path)
-    return gram
-
-def preservation_terms(model: DiffusionModel, # supplies the text encoder
-                       preserve_prompts: list[str], # prompts of the concepts to keep (domain preservation)
-                       prior_prompts, # benign captions (list), a GramCache, a cache path, or None
-                       fusion: FusionSettings, # the β weights
-                       cache_dir: str | Path | None = None, # where to cache the Gram matrices (None: no cache)
-                       state=None, # accelerate PartialState when sharded (only the main process writes)
-                       progress: bool = True, # show progress bars
-                      ) -> list[tuple[GramCache, float]]:
-    "The (Gram cache, β) pairs of prior and domain preservation, skipping a term whose β or input is empty."
-    cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp())
-    if is_main(state): cache.mkdir(parents=True, exist_ok=True)
-    wait_for_all(state)
-    terms = []
-    if prior_prompts is not None and fusion.beta_prior > 0:
-        terms.append((_gram_cached(model, prior_prompts, cache/"prior.safetensors", state, progress), fusion.beta_prior))
-    if preserve_prompts and fusion.beta_domain > 0:
-        terms.append((_gram_cached(model, preserve_prompts, cache/"domain.safetensors", state, progress), fusion.beta_domain))
-    wait_for_all(state)
-    return terms
-
-# %% ../../nbs/api/16_method.fusion.ipynb #da0d8613
-EDIT_FILE = "edit.safetensors"
-
-def save_edit(unet: nn.Module, # the edited UNet
-              names: list[str], # parameter names that the method changed
-              path: str | Path, # output .safetensors file
-             ) -> Path:
-    "Write the named parameters of `unet` to a safetensors file, atomically."
-    params = dict(unet.named_parameters())
-    missing = [n for n in names if n not in params]
-    if missing: raise ValueError(f"names {missing[:3]} are not parameters of the UNet")
-    return atomic_save_safetensors({n: params[n].detach() for n in names}, path)
-
-def load_edit(model: DiffusionModel, # the base model the edit was computed from (not modified)
-              path: str | Path, # an edit file written by `save_edit` / `erase_concepts`, or its run folder
-             ) -> DiffusionModel:
-    "The base model with an edit's weights loaded into a copy of its UNet."
-    path = Path(path)
-    if path.is_dir(): path = path/EDIT_FILE
-    if not path.is_file(): raise FileNotFoundError(f"path={str(path)!r}: no edit file there")
-    edit, params = load_file(path), dict(model.unet.named_parameters())
-    bad = [n for n, t in edit.items() if n not in params or params[n].shape != t.shape]
-    if bad: raise ValueError(f"path={str(path)!r} holds {bad[:3]} that do not match the model's UNet (another base model?)")
-    unet = copy.deepcopy(model.unet)
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if n in edit: p.copy_(edit[n])
-    return with_unet(model, unet.eval().requires_grad_(False))

@@ -24,8 +24,8 @@ from ..base.model import DiffusionModel, encode_prompts
 from ..base.registry import TOY_GUIDANCE, is_toy_model
 from ..base.report import write_run_json
 from ..base.sampling import sample
-from .fusion import (EDIT_FILE, FusionAccumulator, GramCache, gram_from_prompts, kv_projections,
-                                  load_edit, save_edit)
+from .edits import EDIT_FILE, load_edit, save_edit
+from .fusion import FusionAccumulator, GramCache, gram_from_prompts, kv_projections
 from .lora import TEMPLATES, concept_prompts, is_trained, lora_deltas
 from .mace_lora import IMAGE_NORMS, loss_tokens, train_mace_lora
 

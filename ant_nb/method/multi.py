@@ -25,9 +25,9 @@ from ..base.images import generate_images
 from ..base.model import DiffusionModel, load_model
 from ..base.report import write_run_json
 from .erase import erase_concept
-from .fusion import (EDIT_FILE, FusionAccumulator, FusionSettings, GramCache, anchor_pairs,
-                                  concept_token_span, edited_projections, fuse_into_unet, load_edit, preservation_terms,
-                                  save_edit, token_embeddings)
+from .edits import EDIT_FILE, FusionSettings, load_edit, preservation_terms, save_edit
+from .fusion import (FusionAccumulator, GramCache, anchor_pairs, concept_token_span, edited_projections,
+                                  fuse_into_unet, token_embeddings)
 from .lora import LoraSettings, TEMPLATES, concept_prompts, is_trained, lora_deltas, train_concept_lora
 from .losses import AntLossConfig, paper_config, trainable_names
 from .mace import MaceSettings, mace_prompts, mace_unet

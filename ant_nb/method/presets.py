@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..base.checks import check_choice
 from ..base.model import DiffusionModel
 from ..base.registry import TOY_GUIDANCE, is_toy_model
-from .fusion import FusionSettings
+from .edits import FusionSettings
 from .lora import LoraSettings
 from .losses import AntLossConfig, paper_config
 from .mace import MaceSettings
