@@ -202,7 +202,6 @@ class MultiStudy(JobStudy):
         self.model, self.backend, self.out, self.s = model, backend, Path(out), settings.check()
         toy = backend.name == "toy"
         self.x, self.official = settings.experiment(toy), experiment_settings(settings.kind, "official", toy)
-        record_settings(self.out, settings)
         concepts = experiment_table(settings.kind, backend, prompts_csv, 1, settings.n_erase, settings.n_preserve)
         groups = {g: concepts[concepts.group == g].concept.tolist() for g in ("erased", "preserved")}
         self.erase, self.keep = groups["erased"], groups["preserved"]
@@ -224,6 +223,7 @@ class MultiStudy(JobStudy):
         if self.leaks.identical.sum() and not settings.allow_leaks:
             raise ValueError(f"the splits hold prompts whose encoder states at the name equal a training prompt's:\n"
                              f"{self.leaks.to_string()}\nchoose other templates, or pass allow_leaks=True to report them")
+        record_settings(self.out, settings) # after the checks: a refused study leaves no folder behind
         test = self.tables["test"]
         self.tables["check"] = test[test.template.isin(test.template.unique()[:settings.n_check_templates])]
         self.prior = prior_table(backend, coco_csv, self.x["n_prior"], 0) # preservation captions of the fusions
