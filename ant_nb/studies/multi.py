@@ -353,8 +353,10 @@ def main(argv: list[str] | None = None):
     "Command line: run the study's jobs with the folder's settings (a new folder: the defaults of `--kind`)."
     p = job_parser("ant-nb-multistudy", "Run a Table 2 / Table 3 study's jobs in this process.", "outputs/30_celebrity_study")
     p.add_argument("--kind", required=True, choices=KINDS, help="celebrity (Table 2) or art (Table 3)")
+    p.add_argument("--allow-leaks", action="store_true", help="a new folder: run with prompts that give a name its "
+                   "training states, reported (toy-v1 names characters only after 'a portrait of')")
     a = p.parse_args(argv)
-    settings = folder_settings(a.out, MultiStudySettings, MultiStudySettings.for_kind(a.kind))
+    settings = folder_settings(a.out, MultiStudySettings, MultiStudySettings.for_kind(a.kind, allow_leaks=a.allow_leaks))
     if settings.kind != a.kind: raise ValueError(f"--kind {a.kind}: the study in {a.out} is of kind {settings.kind!r}")
     run_command(a, MultiStudy, settings)
 
