@@ -57,9 +57,9 @@ def multi_preset(preset: str, # "toy", "paper" or "official"
     return s | dict(mace=mace("object" if kind == "celebrity" else "style"))
 
 def _text(kind: str, toy: bool, small: bool, method: str) -> dict:
-    "The paper's text (`small`: sized for a CPU; its fusion methods fuse as the official code does, the best on validation)."
+    "The paper's text (`small`: sized for a CPU; on styles its fusion methods fuse as the official code does)."
     fusion = FusionSettings(beta_prior=1.0, beta_domain=1.0, lamb=1e-2)
-    if small and method in ("ant-fusion", "mace-fusion"): fusion = _official_fusion(kind) # docs/fidelity.md §8
+    if small and kind == "art" and method in ("ant-fusion", "mace-fusion"): fusion = _official_fusion(kind) # docs/fidelity.md §8
     return dict(templates=_TOY_TEMPLATES[kind] if toy else kind, fusion_templates=None, loss_config=paper_config(kind),
                 steps=20 if small else 50, lora=LoraSettings(rank=4),
                 lr={"esd-x": 1e-4, "ant-fusion": 5e-3, "mace-fusion": 5e-3} if small else None,
