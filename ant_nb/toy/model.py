@@ -73,6 +73,8 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_
 
 def toy_scheduler_config(prediction_type: str = "epsilon", # what the UNet predicts: "epsilon" or "v_prediction"
                          zero_terminal_snr: bool = False, # rescale the betas to zero terminal SNR (needs "v_prediction")
+                         latent: bool = False, # a latent model: x_0 is a VAE latent scaled to unit variance, not pixels in
+                         # [-1, 1], so the sampler must not clip its x_0 estimate (`clip_sample=False`, as SD's scheduler)
                         ) -> dict:
     "The toy model's `DDIMScheduler` config: `SCHEDULER_CONFIG` with `prediction_type` (and zero-terminal-SNR options)."
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
@@ -82,7 +84,7 @@ def toy_scheduler_config(prediction_type: str = "epsilon", # what the UNet predi
         raise ValueError(f"zero_terminal_snr=True needs prediction_type='v_prediction', got {prediction_type!r}: at zero "
                          "terminal SNR the noisiest x_t is pure noise, from which an ε prediction cannot recover x_0")
     snr = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if zero_terminal_snr else {}
-    return SCHEDULER_CONFIG | dict(prediction_type=prediction_type) | snr
+    return SCHEDULER_CONFIG | dict(prediction_type=prediction_type, clip_sample=not latent) | snr
 
 def build_toy_components(seed: int = 0,
                          prediction_type: str = "epsilon", # what the UNet predicts: "epsilon" or "v_prediction"
@@ -91,8 +93,8 @@ def build_toy_components(seed: int = 0,
                          # the full-size families' grammar tokenizer (v3); None: a pixel-space model (v1, v2)
                         ):
     "Freshly initialised (unet, text_encoder, tokenizer, scheduler) of the toy model."
-    sched = DDIMScheduler(**toy_scheduler_config(prediction_type, zero_terminal_snr))
     latent = latent_channels is not None
+    sched = DDIMScheduler(**toy_scheduler_config(prediction_type, zero_terminal_snr, latent))
     tok = build_tokenizer(world_words(full_cast=True), MAX_TOKENS_FULL) if latent else build_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**(LATENT_UNET_CONFIG | dict(in_channels=latent_channels, out_channels=latent_channels))

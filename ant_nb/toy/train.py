@@ -169,11 +169,13 @@ def _run_scheduler(checkpoints: Path) -> DDIMScheduler:
     if (checkpoints/SCHEDULER_FILE).is_file(): return DDIMScheduler.from_pretrained(checkpoints)
     return DDIMScheduler(**SCHEDULER_CONFIG)
 
+_TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                  "rescale_betas_zero_snr") # the scheduler settings training uses (the others only steer sampling)
+
 def _check_schedule(checkpoints: Path, sched: DDIMScheduler):
-    "Refuse to resume checkpoints trained with another scheduler config (prediction type, noise schedule) than `sched`'s."
+    "Refuse to resume checkpoints trained with another noise schedule or prediction type (`_TRAINING_KEYS`) than `sched`'s."
     old, new = dict(_run_scheduler(checkpoints).config), dict(sched.config)
-    diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if not k.startswith("_") and old.get(k) != new.get(k)}
+    diff = {k: (old.get(k), new.get(k)) for k in _TRAINING_KEYS if old.get(k) != new.get(k)}
     if diff: raise ValueError(f"checkpoints={str(checkpoints)!r} were trained with another scheduler config; "
                               f"(trained, asked for): {diff}. Resume with the prediction_type and zero_terminal_snr "
                               "they were trained with, or pass resume=False or another out_dir")
@@ -289,12 +291,13 @@ def export_toy_model(checkpoints: str | Path, # a `checkpoints/` folder written 
     folder = Path(checkpoints)/f"step-{ck.steps()[-1]}"
     recipe = json.loads((Path(checkpoints).parent/"recipe.json").read_text())
     cfg = ToyTrainConfig(**{k: v for k, v in recipe.items() if k in ToyTrainConfig.__dataclass_fields__} | dict(init=None))
-    unet, te, tok, _, vae = _components(cfg)
+    unet, te, tok, sched, vae = _components(cfg)
+    _check_schedule(Path(checkpoints), sched) # the run's noise schedule; sampling settings as the code gives them now
     pre = "ema_" if ema else ""
     unet.load_state_dict(load_file(folder/f"weights-{pre}unet.safetensors"))
     te.load_state_dict(load_file(folder/f"weights-{pre}text_encoder.safetensors"))
     out = Path(out)
-    parts = dict(unet=unet, text_encoder=te, tokenizer=tok, scheduler=_run_scheduler(Path(checkpoints))) | (
+    parts = dict(unet=unet, text_encoder=te, tokenizer=tok, scheduler=sched) | (
         {} if vae is None else dict(vae=vae))
     for name, part in parts.items(): part.save_pretrained(out/name)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
