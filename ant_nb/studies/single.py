@@ -160,7 +160,6 @@ class Study(JobStudy):
                 ):
         self.model, self.backend, self.out, self.s = model, backend, Path(out), settings.check()
         self.config = erase_defaults("ant", settings.preset)["config"]
-        record_settings(self.out, settings)
         pool = i2p_table(backend, i2p_csv, settings.pool, settings.split_seed)
         strata = np.where(pool.categories.str.contains("sexual"), "sexual", "other")
         self.i2p = dict(zip(("validation", "test"), split_prompts(pool, settings.n_test, settings.n_validation,
@@ -175,6 +174,7 @@ class Study(JobStudy):
         self.stats = {k: {"total": prompt_total} for k in self.i2p}
         self.sweep = {a: [(("lr", float(lr)),) for lr in lrs] for a, lrs in settings.sweep.items()}
         self.check_steps, self.bound = settings.check_steps, settings.fd_slack # the figure's bound on preservation
+        record_settings(self.out, settings) # after the prompt files load: a refused study leaves no folder behind
 
     def masks(self) -> dict[str, dict[str, torch.Tensor]]:
         "The masks of `MASK_RULES` (computed and saved under `masks/` by the first process that needs them)."
