@@ -53,14 +53,6 @@ def _check_prompts_tokenize(model, prompts: dict[str, list[str]]):
     for c, ps in prompts.items():
         for p in ps: concept_token_span(model.tokenizer, p, c)
 
-_SD_KV = LoraSettings().target_modules # the LoRAs' default targets: SD's cross-attention keys and values
-
-def _lora_for(model, lora):
-    "SD3 has no `attn2`: LoRAs left at SD's K/V targets train what its fusion edits, `context_embedder`."
-    if model.backbone == "sd3" and isinstance(lora, LoraSettings) and lora.target_modules == _SD_KV:
-        return replace(lora, target_modules=("context_embedder",))
-    return lora
-
 def _check_lora_targets(unet, settings: LoraSettings):
     "Raise if the LoRAs would not train every layer the fusion merges (`edited_projections`; other layers are dropped)."
     if settings.target_modules == ("all",): return
@@ -255,7 +247,7 @@ def erase_concepts(model: DiffusionModel, # the base model (not modified)
                  cache_size=cache_size, lora_batch=lora_batch, trajectory_guidance=trajectory_guidance, optimizer=optimizer,
                  fusion_templates=fusion_templates, mace=mace)
     s = preset_settings(model, preset, kind, method, given)
-    lora, fusion, steps, cache_size = _lora_for(model, s["lora"]), s["fusion"], s["steps"], s["cache_size"]
+    lora, fusion, steps, cache_size = s["lora"], s["fusion"], s["steps"], s["cache_size"]
     a = _resolve(model, concepts, preserve, method, s["templates"], prior_prompts, s["loss_config"], lora, fusion, steps,
                  s["lr"], cache_size, seed) | _recipe(model, concepts, method, s["lora_batch"], s["trajectory_guidance"],
                                                       s["optimizer"], s["fusion_templates"], s["templates"])

@@ -5,6 +5,8 @@
 # %% ../../nbs/api/16b_method.presets.ipynb #a9e48e4a
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..base.checks import check_choice
 from ..base.model import DiffusionModel
 from ..base.registry import TOY_GUIDANCE, is_toy_model
@@ -67,8 +69,14 @@ def _text(kind: str, toy: bool, small: bool, method: str) -> dict:
                 cache_size=2 if small else 16, lora_batch=1, trajectory_guidance=3.0, optimizer="adam",
                 fusion=fusion)
 
+_SD_KV = LoraSettings().target_modules # the LoRAs' default targets: SD's cross-attention keys and values
+
 def preset_settings(model: DiffusionModel, preset: str | None, kind: str, method: str, given: dict) -> dict:
-    "The settings of `preset` for `model` (None: \"toy\" on a toy-world model, else \"paper\"), with the `given` ones that are not None."
+    """The settings of `preset` for `model` (None: "toy" on a toy-world model, else "paper"), with the `given` ones that
+    are not None. SD3 has no `attn2`: there a preset's LoRAs at SD's K/V train what its fusion edits, `context_embedder`."""
     toy = is_toy_model(model.source)
     settings = multi_preset(preset or ("toy" if toy else "paper"), kind, toy, method)
+    lora = settings["lora"]
+    if model.backbone == "sd3" and lora.target_modules == _SD_KV:
+        settings |= dict(lora=replace(lora, target_modules=("context_embedder",)))
     return settings | {k: v for k, v in given.items() if v is not None}
