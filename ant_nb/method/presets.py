@@ -72,11 +72,9 @@ def _text(kind: str, toy: bool, small: bool, method: str) -> dict:
 _SD_KV = LoraSettings().target_modules # the LoRAs' default targets: SD's cross-attention keys and values
 
 def preset_settings(model: DiffusionModel, preset: str | None, kind: str, method: str, given: dict) -> dict:
-    """The settings of `preset` for `model` (None: "toy" on a toy-world model, else "paper"), with the `given` ones that
-    are not None. SD3 has no `attn2`: there a preset's LoRAs at SD's K/V train what its fusion edits, `context_embedder`."""
+    "`preset`'s settings for `model` (None: \"toy\" on a toy model, else \"paper\") and the `given` ones not None."
     toy = is_toy_model(model.source)
-    settings = multi_preset(preset or ("toy" if toy else "paper"), kind, toy, method)
-    lora = settings["lora"]
-    if model.backbone == "sd3" and lora.target_modules == _SD_KV:
-        settings |= dict(lora=replace(lora, target_modules=("context_embedder",)))
-    return settings | {k: v for k, v in given.items() if v is not None}
+    s = multi_preset(preset or ("toy" if toy else "paper"), kind, toy, method)
+    if model.backbone == "sd3" and s["lora"].target_modules == _SD_KV: # SD3 has no attn2: its LoRAs train what its
+        s["lora"] = replace(s["lora"], target_modules=("context_embedder",)) # fusion edits
+    return s | {k: v for k, v in given.items() if v is not None}
