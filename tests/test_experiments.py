@@ -2,7 +2,9 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 
 from ant_nb.base.registry import toy_model_dir
 
@@ -82,6 +84,27 @@ def test_train_notebook_candidate_route(tmp_path, monkeypatch):
     assert json.loads((tmp_path/"train"/"recipe.json").read_text())["init"] == "toy"
     assert (tmp_path/"report"/"quality.csv").exists()
     assert sorted(p.stat().st_mtime_ns for p in toy_model_dir().rglob("*") if p.is_file()) == shipped # untouched
+
+
+def test_train_notebook_latent_route(tmp_path, monkeypatch):
+    "11_train_toyworld's v3 route: VAE, toy CLIP on the cached latents, a UNet under the frozen text encoder, the reports."
+    if not _has_toy_world(): pytest.skip("the shipped toy model or judge is missing")
+    import papermill as pm
+    from ant_nb.base.model import load_model
+    from transformers import CLIPTextModel
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    params = dict(train=True, steps=2, batch_size=4, warmup=1, prediction_type="v_prediction", zero_terminal_snr=True,
+                  judge_steps=0, full_cast=True, vae_dir=str(tmp_path/"vae-run"), vae_steps=2, latent_channels=4,
+                  latent_images=16, grammar=True, bf16=True, clip_dir=str(tmp_path/"clip"), clip_steps=2, trainable="unet",
+                  judge_path="data/toyworld/judge-v2.safetensors", n_quality=8, num_steps=3,
+                  train_dir=str(tmp_path/"train"), model_dir=str(tmp_path/"model"), out_dir=str(tmp_path/"report"))
+    pm.execute_notebook(str(NBS/"11_train_toyworld.ipynb"), str(tmp_path/"run.ipynb"), parameters=params,
+                        kernel_name="python3", progress_bar=False, cwd=str(NBS))
+    model, te = load_model(str(tmp_path/"model")), CLIPTextModel.from_pretrained(tmp_path/"clip"/"text_encoder")
+    assert all(torch.equal(v, te.state_dict()[k]) for k, v in model.text_encoder.state_dict().items()) # frozen
+    clip = pd.read_csv(tmp_path/"report"/"clip.csv")
+    assert clip.family.tolist() == ["colour", "position", "background", "character", "style"] and (clip.n > 0).all()
+    assert (tmp_path/"report"/"quality.csv").exists()
 
 
 def test_presets_lookalikes_and_grid_columns():

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,12 +24,14 @@ from ..base.sampling import image_grid
 from ..studies.quality import context_report, quality_report
 from ..toy.judges import judge_report, load_judge, save_judge, train_judge
 from ..toy.model import build_toy_components
-from ..toy.train import ToyTrainConfig, export_toy_model, train_toy_model, training_hours
+from ..toy.clip import ToyClipConfig, clip_report, load_toy_clip, train_toy_clip
+from ..toy.train import (ToyTrainConfig, encode_world, export_toy_model, train_toy_model, training_hours,
+                            training_mix)
 from ..toy.vae import ToyVAEConfig, train_toy_vae, vae_report
 
 # %% auto #0
-__all__ = ['ToyworldSettings', 'train_toyworld', 'train_curve', 'vae_quality', 'vae_table', 'context_table', 'judge_table',
-           'quality_table', 'record_toyworld']
+__all__ = ['ToyworldSettings', 'train_toyworld', 'train_curve', 'vae_quality', 'vae_table', 'context_table', 'clip_table',
+           'judge_table', 'quality_table', 'record_toyworld']
 
 # %% ../../nbs/api/43_experiments.toyworld.ipynb #c5321070
 @dataclass
@@ -39,11 +42,14 @@ class ToyworldSettings:
     p_character: float; trainable: str; judge_path: str | None; quality_seed: int; device: str; workers: int
     n_quality: int; num_steps: int; guidance_scale: float; train_dir: str; out_dir: str
     vae_dir: str | None; vae_steps: int; latent_channels: int; latent_images: int | None; grammar: bool; bf16: bool
-    contexts: bool
+    contexts: bool; clip_dir: str | None; clip_steps: int
 
     def __post_init__(self):
         check_device(self.device)
-        if self.vae_dir is None or self.vae_steps == 0: self.recipe() # the recipe's checks (a VAE to train is checked later)
+        if self.clip_dir is not None and (self.vae_dir is None or self.latent_images is None):
+            raise ValueError(f"clip_dir={self.clip_dir!r} needs a latent model with cached latents: give vae_dir and latent_images")
+        if (self.vae_dir is None or self.vae_steps == 0) and (self.clip_dir is None or self.clip_steps == 0):
+            self.recipe() # the recipe's checks (a VAE or text encoder still to train: checked once it exists)
 
     @classmethod
     def from_vars(cls, namespace: dict) -> ToyworldSettings:
@@ -57,12 +63,20 @@ class ToyworldSettings:
                               zero_terminal_snr=self.zero_terminal_snr, init=self.init, full_cast=self.full_cast,
                               p_character=self.p_character, trainable=self.trainable, grammar=self.grammar, bf16=self.bf16,
                               vae=None if self.vae_dir is None else str(project_path(self.vae_dir)/"vae"),
-                              latent_images=self.latent_images)
+                              latent_images=self.latent_images,
+                              text_encoder=None if self.clip_dir is None else str(project_path(self.clip_dir)/"text_encoder"))
 
     def vae_recipe(self) -> ToyVAEConfig:
         "The VAE's training recipe (a latent model's first stage)."
         return ToyVAEConfig(latent_channels=self.latent_channels, steps=self.vae_steps, subject_weight=2.0, grad_weight=1.0,
                             max_seconds=self.max_seconds)
+
+    def clip_latents(self, folder: Path | None = None, n: int | None = None, seed: int = 0) -> tuple:
+        "(latents, specs) of the run's cached training images, or `n` others encoded into `folder` at `seed`."
+        mix = training_mix(self.full_cast, self.p_character, self.grammar)[0]
+        vae = AutoencoderKL.from_pretrained(project_path(self.vae_dir)/"vae")
+        return encode_world(vae, folder or project_path(self.train_dir)/"latents", n or self.latent_images, mix, seed,
+                            progress=folder is None)
 
     @property
     def model_folder(self) -> Path: return project_path(self.model_dir) if self.model_dir else toy_model_dir()
@@ -71,10 +85,17 @@ class ToyworldSettings:
 
 # %% ../../nbs/api/43_experiments.toyworld.ipynb #1bc9cd02
 def train_toyworld(s: ToyworldSettings, since: float) -> None:
-    "Train (or resume) the VAE of a latent model, then the toy model, and export it; train the judge when `judge_steps` > 0."
+    """Train (or resume) a latent model's VAE and text encoder (`clip_dir`: the toy CLIP), then the toy model, and export
+    it; train the judge when `judge_steps` > 0."""
     if s.vae_dir is not None and s.vae_steps:
         log_progress(f"training the VAE ({s.vae_steps} steps) ...", since)
         train_toy_vae(project_path(s.vae_dir), s.vae_recipe())
+    if s.clip_dir is not None and s.clip_steps:
+        log_progress(f"training the toy CLIP ({s.clip_steps} steps) on the cached latents ...", since)
+        train_toy_clip(project_path(s.clip_dir), *s.clip_latents(), *training_mix(s.full_cast, s.p_character, s.grammar),
+                       ToyClipConfig(steps=s.clip_steps, max_seconds=s.max_seconds))
+        if not (project_path(s.clip_dir)/"text_encoder").is_dir():
+            return log_progress("the toy CLIP stopped at max_seconds; run again to resume it", since)
     log_progress(f"training the toy model ({s.steps} steps) ...", since)
     export_toy_model(train_toy_model(project_path(s.train_dir), s.recipe(), device=s.device, workers=s.workers),
                      s.model_folder)
@@ -123,6 +144,15 @@ def context_table(s: ToyworldSettings) -> pd.DataFrame | None:
     return table
 
 # %% ../../nbs/api/43_experiments.toyworld.ipynb #a4bdeb1e
+def clip_table(s: ToyworldSettings, n: int = 2000) -> pd.DataFrame | None:
+    "`clip_report` of the run's toy CLIP on `n` held-out encoded images (seed 777); written as clip.*."
+    if s.clip_dir is None: return None
+    with tempfile.TemporaryDirectory() as tmp: latents, specs = s.clip_latents(Path(tmp), n, seed=777)
+    clip = load_toy_clip(project_path(s.clip_dir), latents.shape[1])
+    table = clip_report(clip, build_toy_components(0, "v_prediction", True, latents.shape[1])[2], latents, specs)
+    save_table(table, project_path(s.out_dir), "clip")
+    return table
+
 def judge_table(s: ToyworldSettings) -> pd.DataFrame:
     "The judge's accuracy per family, augmented and clean; written as judge.csv / judge.md."
     judge = load_judge(s.judge_file)

@@ -35,7 +35,7 @@ from .world import complete_spec, render
 
 # %% auto #0
 __all__ = ['TRAINABLE', 'SCHEDULER_FILE', 'world_batch', 'encode_world', 'cached_batch', 'ToyTrainConfig', 'training_hours',
-           'train_toy_model', 'export_toy_model']
+           'train_toy_model', 'training_mix', 'export_toy_model']
 
 # %% ../../nbs/api/24_toy.train.ipynb #ca7d5732
 def world_batch(rng: np.random.Generator, n: int, mix: WorldMix = WorldMix(), p_drop: float = 0.1,
@@ -81,7 +81,9 @@ def cached_batch(rng: np.random.Generator, latents: torch.Tensor, specs: list[di
 # %% ../../nbs/api/24_toy.train.ipynb #3dac2dec
 TRAINABLE = {"all": "every weight of the UNet and the text encoder",
              "text": "the text encoder and the UNet's cross-attention key and value projections (attn2.to_k, attn2.to_v): "
-                     "what maps words to what is drawn, while the UNet's drawing stays as it is"}
+                     "what maps words to what is drawn, while the UNet's drawing stays as it is",
+             "unet": "every weight of the UNet; the text encoder stays as it starts (a pretrained `text_encoder`, frozen as "
+                     "Stable Diffusion's CLIP was while its UNet trained)"}
 
 @dataclass
 class ToyTrainConfig:
@@ -109,6 +111,8 @@ class ToyTrainConfig:
     latent_images: int | None = None # latent models: encode this many rendered images once and reuse them with fresh
     # captions (None: render and encode a new batch every step)
     bf16: bool = False # bfloat16 autocast on a CPU as well (always on CUDA)
+    text_encoder: str | None = None # start from this pretrained text encoder (a toy `CLIPTextModel` folder, e.g. the
+    # text_encoder/ of `ant_nb.toy.clip.train_toy_clip`), after `init`; None: `init`'s or fresh weights
 
     def __post_init__(self): _check_config(self)
 
@@ -133,6 +137,12 @@ def _check_config(cfg: ToyTrainConfig):
         if cfg.vae is None: raise ValueError("latent_images needs vae (a latent model); pass vae=<a VAE folder>")
     if cfg.init is not None and (not isinstance(cfg.init, str) or not cfg.init):
         raise ValueError(f"init={cfg.init!r} is not allowed; give None (fresh weights), 'toy' or a model folder")
+    if cfg.text_encoder is not None and not (project_path(cfg.text_encoder)/"config.json").is_file():
+        raise ValueError(f"text_encoder={cfg.text_encoder!r} is not a text-encoder folder (no config.json); train one with "
+                         "ant_nb.toy.clip.train_toy_clip")
+    if cfg.trainable == "unet" and cfg.init is None and cfg.text_encoder is None:
+        raise ValueError("trainable='unet' keeps the text encoder as it starts; give text_encoder=<a pretrained one> (or "
+                         "init), not a frozen random encoder")
 
 # %% ../../nbs/api/24_toy.train.ipynb #523875f4
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
@@ -161,6 +171,12 @@ def _load_initial_weights(unet: UNet2DConditionModel, te: CLIPTextModel, source:
     except RuntimeError as e:
         raise ValueError(f"init={source!r} is not a model of the toy architecture (`build_toy_components`): {e}") from None
 
+def _load_text_encoder(te: CLIPTextModel, source: str):
+    "Copy the weights of the pretrained text encoder in folder `source` into `te`."
+    try: te.load_state_dict(CLIPTextModel.from_pretrained(project_path(source)).state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"text_encoder={source!r} is not a text encoder of the toy architecture: {e}") from None
+
 # %% ../../nbs/api/24_toy.train.ipynb #294f4ee3
 SCHEDULER_FILE = "scheduler_config.json" # in a run's checkpoints folder: the scheduler config the run trains with
 
@@ -180,7 +196,7 @@ def _check_schedule(checkpoints: Path, sched: DDIMScheduler):
                               f"(trained, asked for): {diff}. Resume with the prediction_type and zero_terminal_snr "
                               "they were trained with, or pass resume=False or another out_dir")
 
-_RESUME_KEYS = ("full_cast", "p_character", "trainable", "vae", "grammar", "latent_images") # recipe fields a resumed run must keep (the world, the weights that learn)
+_RESUME_KEYS = ("full_cast", "p_character", "trainable", "vae", "grammar", "latent_images", "text_encoder") # recipe fields a resumed run must keep (the world, the weights that learn)
 
 def _check_recipe(out_dir: Path, cfg: ToyTrainConfig):
     "Refuse to resume a run trained on another world or with other trainable weights (`_RESUME_KEYS`) than `cfg`'s."
@@ -193,9 +209,10 @@ def _check_recipe(out_dir: Path, cfg: ToyTrainConfig):
 
 def _trainable_parameters(unet: UNet2DConditionModel, te: CLIPTextModel, trainable: str) -> list[torch.nn.Parameter]:
     "The weights that learn (`TRAINABLE[trainable]`); every other weight of `unet` and `te` gets requires_grad=False."
-    learn = lambda name: trainable == "all" or ".attn2.to_k." in name or ".attn2.to_v." in name
+    learn = lambda name: trainable in ("all", "unet") or ".attn2.to_k." in name or ".attn2.to_v." in name
     for name, p in unet.named_parameters(): p.requires_grad_(learn(name))
-    return [p for p in unet.parameters() if p.requires_grad] + list(te.parameters())
+    te.requires_grad_(trainable != "unet")
+    return [p for p in unet.parameters() if p.requires_grad] + [p for p in te.parameters() if p.requires_grad]
 
 def _trim_log(log: Path, step: int) -> float:
     "Keep the rows of steps <= `step` of a training log (rows past a resumed checkpoint go); their last `seconds`."
@@ -228,6 +245,7 @@ def _components(cfg: ToyTrainConfig):
     unet, te, tok, sched = build_toy_components(cfg.seed, cfg.prediction_type, cfg.zero_terminal_snr,
                                                 None if vae is None else vae.config.latent_channels)
     if cfg.init is not None: _load_initial_weights(unet, te, cfg.init)
+    if cfg.text_encoder is not None: _load_text_encoder(te, cfg.text_encoder)
     return unet, te, tok, sched, vae
 
 # %% ../../nbs/api/24_toy.train.ipynb #91423ac3
@@ -272,10 +290,13 @@ def _train(out_dir: Path, cfg: ToyTrainConfig, resume: bool, device: str, worker
         if out_of_time: break
     return ck.directory
 
+def training_mix(full_cast: bool, p_character: float, grammar: bool) -> tuple[WorldMix, GrammarMix | None]:
+    "The world mix and the caption grammar (None: canonical captions) of a training run's batches (`ToyTrainConfig`)."
+    return WorldMix(full_cast=full_cast, p_character=p_character), GrammarMix() if grammar else None
+
 def _batches(cfg: ToyTrainConfig, vae, out_dir: Path, progress: bool):
     "The run's batch maker `make(rng)`: rendered images (pixels, or latents encoded each step), or encoded images reused."
-    mix = WorldMix(full_cast=cfg.full_cast, p_character=cfg.p_character)
-    grammar = GrammarMix() if cfg.grammar else None
+    mix, grammar = training_mix(cfg.full_cast, cfg.p_character, cfg.grammar)
     if cfg.latent_images is None: return partial(world_batch, n=cfg.batch_size, mix=mix, p_drop=cfg.p_drop, grammar=grammar)
     latents, specs = encode_world(vae, out_dir/"latents", cfg.latent_images, mix, cfg.seed, progress=progress)
     return partial(cached_batch, latents=latents, specs=specs, n=cfg.batch_size, mix=mix, p_drop=cfg.p_drop, grammar=grammar)
