@@ -168,9 +168,10 @@ def quality_table(s: ToyworldSettings) -> tuple[pd.DataFrame, object]:
                                               guidance_scale=s.guidance_scale, full_cast=s.full_cast)
     model = load_model("toy" if s.model_dir is None else str(s.model_folder), device=s.device)
     quality, images = quality_report(model, judge, **kw)
-    sc = model.scheduler.config # an untrained model of the same architecture and noise schedule, fresh weights:
-    untrained = DiffusionModel(*build_toy_components(0, sc.prediction_type, sc.get("rescale_betas_zero_snr", False)),
-                               source="untrained")
+    sc, c = model.scheduler.config, model.vae and model.vae.config.latent_channels
+    # the reference: an untrained model of the same architecture and noise schedule (a latent model's keeps its VAE)
+    untrained = DiffusionModel(*build_toy_components(0, sc.prediction_type, sc.get("rescale_betas_zero_snr", False), c),
+                               vae=model.vae, source="untrained")
     fd0 = quality_report(untrained, judge, progress=False, **kw)[0].set_index("metric").value[_FD]
     fd, n = quality.set_index("metric").value[_FD], quality.n.iloc[-1]
     quality = pd.concat([quality, pd.DataFrame([dict(metric=f"{_FD}, untrained model", value=fd0, n=n),

@@ -67,7 +67,7 @@ LATENT_UNET_CONFIG = dict(sample_size=16, layers_per_block=1, block_out_channels
                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                           attention_head_dim=8, norm_num_groups=16, # + in_channels = out_channels = the VAE's C
                           conv_in_kernel=17) # 16 + 1: the input layer's zero padding gives every latent column its own
-                          # border pattern, the UNet's only cue of where "left" is (with 3 it never learned position)
+                          # border pattern, the UNet's only cue of where "left" is (3 × 3 learned it slower: docs/toyworld.md)
 TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                    max_position_embeddings=MAX_TOKENS, projection_dim=128)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
