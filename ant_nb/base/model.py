@@ -27,8 +27,8 @@ from .files import LOCK_FILE, fingerprint, holds_files
 from .registry import TOY_MODELS, is_toy_model, toy_model_dir, toy_name
 
 # %% auto #0
-__all__ = ['DiffusionModel', 'load_model', 'save_model', 'with_unet', 'model_fingerprint', 'encode_prompts', 'initial_noise',
-           'seed_everything']
+__all__ = ['DiffusionModel', 'load_model', 'save_model', 'with_unet', 'model_fingerprint', 'token_ids', 'encode_prompts',
+           'initial_noise', 'seed_everything']
 
 # %% ../../nbs/api/04_base.model.ipynb #ae33add0
 @dataclasses.dataclass
@@ -236,6 +236,12 @@ def model_fingerprint(model: DiffusionModel) -> str:
 
 # %% ../../nbs/api/04_base.model.ipynb #f31d9133
 @torch.no_grad()
+def token_ids(tokenizer, # a CLIP tokenizer
+              prompts: list[str]) -> torch.Tensor:
+    "Token ids (N, L) of N prompts, padded / truncated to L = `tokenizer.model_max_length` (what a CLIP encoder reads)."
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
 def encode_prompts(model: DiffusionModel, # supplies tokenizer and text encoder
                    prompts: list[str], # N prompts ("" gives the unconditional embedding)
                   ) -> torch.Tensor | Conditioning:
@@ -243,10 +249,7 @@ def encode_prompts(model: DiffusionModel, # supplies tokenizer and text encoder
     SD3 a `Conditioning` of N rows (`ant_nb.base.backbones.encode_sdxl`, `encode_sd3`)."""
     if model.backbone == "sdxl": return encode_sdxl(model, prompts)
     if model.backbone == "sd3": return encode_sd3(model, prompts)
-    prompts = check_prompts(prompts)
-    tok = model.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
+    ids = token_ids(model.tokenizer, check_prompts(prompts))
     out = model.text_encoder(ids.to(model.text_encoder.device)).last_hidden_state
     return out.to(model.device, model.dtype)
 

@@ -22,6 +22,7 @@ from transformers import CLIPTextModel
 from ..base.checkpoints import Checkpointer
 from ..base.checks import check_choice, check_positive
 from ..base.files import atomic_write_text, folder_lock
+from ..base.model import token_ids
 from .grammar import GrammarMix
 from .model import build_toy_components
 from .prompts import WorldMix, prompt_of, step_loader
@@ -94,9 +95,6 @@ class ToyClipConfig:
         if self.max_seconds is not None: check_positive("max_seconds", self.max_seconds)
 
 # %% ../../nbs/api/24b_toy.clip.ipynb #8079d57d
-def _tokens(tok, prompts: list[str]) -> torch.Tensor:
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-
 def train_toy_clip(out_dir: str | Path, # run folder: checkpoints/, log.csv, config.json and, once done, text_encoder/
                    latents: torch.Tensor, specs: list[dict], # encoded images (N, C, 16, 16) and their complete specs
                    mix: WorldMix, grammar: GrammarMix | None, # the toy model's caption mix (`cached_batch`)
@@ -118,7 +116,7 @@ def train_toy_clip(out_dir: str | Path, # run folder: checkpoints/, log.csv, con
         for z, captions in tqdm(step_loader(make, cfg.seed, start, cfg.steps), initial=start, total=cfg.steps,
                                 desc="toy CLIP", disable=not progress):
             for g in opt.param_groups: g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-            loss = contrastive_loss(clip.images(z), clip.text(_tokens(tok, captions)), clip.logit_scale, captions)
+            loss = contrastive_loss(clip.images(z), clip.text(token_ids(tok, captions)), clip.logit_scale, captions)
             opt.zero_grad(set_to_none=True); loss.backward()
             torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0); opt.step()
             step += 1
@@ -147,7 +145,7 @@ def zero_shot(clip: ToyClip, tok, # the trained pair and the toy model's tokeniz
     hits = []
     for i in idx:
         captions = [prompt_of(specs[i] | {family: v} | said) for v in FAMILIES[family]]
-        scores = clip.text(_tokens(tok, captions)) @ clip.images(latents[i:i + 1].float())[0]
+        scores = clip.text(token_ids(tok, captions)) @ clip.images(latents[i:i + 1].float())[0]
         hits.append(FAMILIES[family][int(scores.argmax())] == specs[i][family])
     return float(np.mean(hits))
 

@@ -25,7 +25,7 @@ from transformers import CLIPTextModel
 from ..base.checkpoints import Checkpointer
 from ..base.checks import check_choice, check_device, check_positive, check_range
 from ..base.files import atomic_save_safetensors, atomic_write_text, folder_lock, project_path
-from ..base.model import load_model
+from ..base.model import load_model, token_ids
 from ..base.timesteps import prediction_target
 from .grammar import GrammarMix, random_form
 from .model import SCHEDULER_CONFIG, build_toy_components, toy_scheduler_config
@@ -149,10 +149,6 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()): e.lerp_(p, 1 - decay)
 
-def _tokenize(tok, prompts: list[str]) -> torch.Tensor:
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
-
 def _noisy(x0: torch.Tensor, sched: DDIMScheduler, gen: torch.Generator):
     """(x_t, t, target) for clean images `x0` (N, 3, H, W): t (N,) uniform over the training timesteps, ε from `gen`
     (CPU), x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε, and the UNet's target (N, 3, H, W): ε, or `sched.get_velocity(x0, ε, t)`."""
@@ -274,7 +270,7 @@ def _train(out_dir: Path, cfg: ToyTrainConfig, resume: bool, device: str, worker
         xt, t, target = _noisy(x0.to(device), sched, gen)
         for g in opt.param_groups: g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu" or cfg.bf16):
-            pred = unet(xt, t, te(_tokenize(tok, prompts).to(device))[0]).sample
+            pred = unet(xt, t, te(token_ids(tok, prompts).to(device))[0]).sample
         loss = F.mse_loss(pred.float(), target)
         if not torch.isfinite(loss): raise FloatingPointError(f"loss is {loss.item()} at step {step}; "
                                                               f"the last good checkpoint is in {ck.directory}")
