@@ -31,6 +31,11 @@ def detect_unsafe():
     return load_backend("toy").concept_detector("unsafe")
 
 
+def _token_states(model) -> tuple[int, int]:
+    "(tokens, width) of the model's prompt states: the shape of a black-box direction."
+    return model.tokenizer.model_max_length, model.text_encoder.config.hidden_size
+
+
 def _targets(model, prompt, seed, n=2):
     return sample(model, [prompt] * n, [seed + i for i in range(n)], num_steps=STEPS, guidance_scale=TOY_GUIDANCE,
                   progress=False)
@@ -97,7 +102,7 @@ def test_bad_input_fails_before_any_work(toy, method, bad, message):
     args = dict(method=method, prompt="a circle on the left") | bad
     extra = {k: v for k, v in bad.items() if k not in ("method", "prompt")}
     targets = np.zeros((1, 32, 32, 3), np.uint8)
-    direction = torch.zeros(24, 128)
+    direction = torch.zeros(*_token_states(toy))
     with count_calls(toy.unet) as calls, count_calls(toy.text_encoder) as encodes, pytest.raises(ValueError) as e:
         run_attack(toy, args["method"], args["prompt"], targets=targets, direction=direction, progress=False, **extra)
     assert message in str(e.value) and calls == [0] and encodes == [0]
@@ -107,7 +112,7 @@ def test_wrong_inputs_named(toy):
     with pytest.raises(ValueError, match=r"targets must be uint8 images \(N >= 1, 32, 32, 3\)"):
         run_attack(toy, "white-box", "a circle", targets=np.zeros((1, 16, 16, 3), np.uint8))
     with pytest.raises(ValueError, match="needs targets"): run_attack(toy, "inversion", "a circle")
-    with pytest.raises(ValueError, match=r"direction must be a tensor of shape \(24, 128\)"):
+    with pytest.raises(ValueError, match=r"direction must be a tensor of shape \(%d, %d\)" % _token_states(toy)):
         run_attack(toy, "black-box", "a circle", direction=torch.zeros(77, 768))
     with pytest.raises(ValueError, match="concept='dog' is not allowed"): load_backend("toy").concept_detector("dog")
     with pytest.raises(ValueError, match="concept='unsafe' is not allowed"):

@@ -64,9 +64,15 @@ def test_with_unet_shares_other_parts(tiny_sd):
     with pytest.raises(TypeError, match="torch.nn.Module"): with_unet(tiny_sd, "unet")
 
 
+def test_toy_models_are_recorded_by_the_name_they_resolve_to():
+    "Caches key on `model.source`: \"toy\" must not mean the same cache before and after the default changes."
+    from ant_nb.base.registry import TOY_DEFAULT
+    assert (load_model("toy").source, load_model("toy-v1").source) == (TOY_DEFAULT, "toy-v1")
+
+
 def test_load_model_errors(tmp_path, monkeypatch):
     from ant_nb.base import registry
-    monkeypatch.setitem(registry.TOY_MODELS, "toy-v1", str(tmp_path/"toyworld"/"model")) # the one table of toy models
+    monkeypatch.setitem(registry.TOY_MODELS, registry.TOY_DEFAULT, str(tmp_path/"toyworld"/"model")) # the one table of toy models
     with pytest.raises(FileNotFoundError, match="toy model .toy. is not at"): load_model("toy")
     with pytest.raises(FileNotFoundError, match="neither a toy model"): load_model("./missing/folder")
     with pytest.raises(FileNotFoundError, match="lacks the subfolders"): load_model(str(tmp_path))

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ant_nb.base.registry import toy_model_dir
+from ant_nb.base.registry import toy_judge_path, toy_model_dir
 
 NBS = Path(__file__).resolve().parents[1]/"nbs"
 
@@ -45,7 +45,7 @@ STUDY_FILES = {"20_nsfw.ipynb": ("masks.csv", "check.csv", "transfer.csv", "tran
 
 
 def _has_toy_world() -> bool:
-    return (toy_model_dir()/"model_index.json").exists() and (toy_model_dir().parent/"judge.safetensors").exists()
+    return (toy_model_dir()/"model_index.json").exists() and toy_judge_path().exists()
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -68,20 +68,22 @@ def test_experiment_notebook_runs(name, tmp_path, monkeypatch):
 
 
 def test_train_notebook_candidate_route(tmp_path, monkeypatch):
-    "11_train_toyworld trains a v-prediction candidate by fine-tuning the shipped model into its own folders."
+    "11_train_toyworld trains a pixel-space v-prediction candidate by fine-tuning toy-v1 into its own folders (v2's route)."
     if not _has_toy_world(): pytest.skip("the shipped toy model or judge is missing")
     import papermill as pm
     from ant_nb.base.model import load_model
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     shipped = sorted(p.stat().st_mtime_ns for p in toy_model_dir().rglob("*") if p.is_file())
     params = dict(train=True, steps=2, batch_size=4, warmup=1, prediction_type="v_prediction", zero_terminal_snr=True,
-                  init="toy", judge_steps=0, n_quality=8, num_steps=3, train_dir=str(tmp_path/"train"),
+                  init="toy-v1", judge_steps=0, full_cast=False, p_character=0.3, trainable="all", grammar=False,
+                  bf16=False, contexts=False, vae_dir=None, latent_images=None, clip_dir=None,
+                  judge_path="data/toyworld/judge.safetensors", n_quality=8, num_steps=3, train_dir=str(tmp_path/"train"),
                   model_dir=str(tmp_path/"model"), out_dir=str(tmp_path/"report"))
     pm.execute_notebook(str(NBS/"11_train_toyworld.ipynb"), str(tmp_path/"run.ipynb"), parameters=params,
                         kernel_name="python3", progress_bar=False, cwd=str(NBS))
     model = load_model(str(tmp_path/"model"))
     assert (model.scheduler.config.prediction_type, model.scheduler.config.rescale_betas_zero_snr) == ("v_prediction", True)
-    assert json.loads((tmp_path/"train"/"recipe.json").read_text())["init"] == "toy"
+    assert json.loads((tmp_path/"train"/"recipe.json").read_text())["init"] == "toy-v1"
     assert (tmp_path/"report"/"quality.csv").exists()
     assert sorted(p.stat().st_mtime_ns for p in toy_model_dir().rglob("*") if p.is_file()) == shipped # untouched
 

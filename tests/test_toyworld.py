@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
 
 from ant_nb.base.model import load_model
 from ant_nb.base.registry import TOY_DEFAULT, TOY_MODELS, toy_model_dir
 from ant_nb.base.timesteps import paper_timesteps
 from ant_nb.toy.judges import HEADS, Judge, JudgeNet, labels_of, load_judge
-from ant_nb.base.sampling import sample
+from ant_nb.base.sampling import initial_noise, sample
 from ant_nb.toy.model import build_tokenizer, build_toy_components
 from ant_nb.toy.train import ToyTrainConfig, export_toy_model, train_toy_model, world_batch
 from ant_nb.toy.prompts import toy_art, toy_celebrity, toy_coco, toy_i2p, world_words
@@ -132,9 +133,15 @@ def test_each_shipped_toy_model_samples_as_a_plain_diffusers_loop_and_is_small(n
     folder = toy_model_dir(name)
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 20e6  # shipped weights <= 20 MB
     prompts, seeds = ["a red circle on the left on a white background", "a portrait of mira tok"], [3, 4]
-    ours = sample(load_model(name), prompts, seeds, num_steps=4, guidance_scale=2.5, progress=False)
-    loop = diffusers_loop(folder, prompts, seeds, 4, 2.5)[0]
-    theirs = ((loop.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(int)
+    model = load_model(name)
+    ours = sample(model, prompts, seeds, num_steps=4, guidance_scale=2.5, progress=False)
+    if model.vae is None:  # pixel space: a plain DDIM + CFG loop
+        loop = diffusers_loop(folder, prompts, seeds, 4, 2.5)[0]
+        theirs = ((loop.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(int)
+    else:  # latent: SD's own pipeline, from the same start noise
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
+        theirs = (pipe(prompts, num_inference_steps=4, guidance_scale=2.5, height=32, width=32, output_type="np",
+                       latents=initial_noise(model, seeds)).images * 255).round().astype(int)
     assert np.abs(ours.astype(int) - theirs).max() <= 1
     assert toy_model_dir("toy") == toy_model_dir(TOY_DEFAULT)
 

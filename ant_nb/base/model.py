@@ -39,7 +39,7 @@ class DiffusionModel:
     tokenizer: CLIPTokenizer # prompt -> token ids, padded to `tokenizer.model_max_length`
     scheduler: DDIMScheduler # noise schedule of the sampler (SD: DDIM; SDXL, SD3: the folder's own scheduler)
     vae: AutoencoderKL | None = None # latents <-> images; None for pixel-space models
-    source: str = "" # where the model was loaded from
+    source: str = "" # where the model was loaded from (a toy model by its `TOY_MODELS` name: caches key on it)
     text_encoder_2: CLIPTextModelWithProjection | None = None # SDXL, SD3: the second CLIP encoder (CLIP-G)
     tokenizer_2: CLIPTokenizer | None = None # SDXL, SD3: its tokenizer
     text_encoder_3: T5EncoderModel | None = None # SD3: the T5 encoder (None: T5's tokens are zeros, as the pipeline without it)
@@ -179,7 +179,8 @@ def load_model(source: str, # "toy" or a `TOY_MODELS` name, a diffusers folder, 
         if m is not None: m.to(dev).eval()
     for m in (text_encoder, vae, *encoders):
         if m is not None: m.requires_grad_(False)
-    return DiffusionModel(unet, text_encoder, tokenizer, scheduler, vae, source=source, **more)
+    name = toy_name(source) if is_toy_model(source) else source # "toy" is recorded as the model it names ("toy-v3")
+    return DiffusionModel(unet, text_encoder, tokenizer, scheduler, vae, source=name, **more)
 
 # %% ../../nbs/api/04_base.model.ipynb #8ac6b502
 def _pipeline(model: DiffusionModel):

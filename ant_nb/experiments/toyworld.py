@@ -31,7 +31,7 @@ from ..toy.vae import ToyVAEConfig, train_toy_vae, vae_report
 
 # %% auto #0
 __all__ = ['ToyworldSettings', 'train_toyworld', 'train_curve', 'vae_quality', 'vae_table', 'context_table', 'clip_table',
-           'judge_table', 'quality_table', 'record_toyworld']
+           'judge_table', 'quality_table', 'record_toyworld', 'toy_bars', 'bars_table']
 
 # %% ../../nbs/api/43_experiments.toyworld.ipynb #c5321070
 @dataclass
@@ -128,9 +128,9 @@ def vae_quality(vae_folder: str | Path, # an `AutoencoderKL.save_pretrained` fol
     return pd.concat([report, pd.DataFrame([psnr_row])], ignore_index=True)
 
 def vae_table(s: ToyworldSettings) -> pd.DataFrame | None:
-    "`vae_quality` of the latent model's VAE (None for a pixel model); written as vae.*."
-    if s.vae_dir is None: return None
-    report = vae_quality(project_path(s.vae_dir)/"vae", s.judge_file)
+    "`vae_quality` of the checked model's VAE (its folder's vae/; None for a pixel model); written as vae.*."
+    if not (s.model_folder/"vae").is_dir(): return None
+    report = vae_quality(s.model_folder/"vae", s.judge_file)
     save_table(report, project_path(s.out_dir), "vae")
     return report
 
@@ -145,8 +145,11 @@ def context_table(s: ToyworldSettings) -> pd.DataFrame | None:
 
 # %% ../../nbs/api/43_experiments.toyworld.ipynb #a4bdeb1e
 def clip_table(s: ToyworldSettings, n: int = 2000) -> pd.DataFrame | None:
-    "`clip_report` of the run's toy CLIP on `n` held-out encoded images (seed 777); written as clip.*."
+    """`clip_report` of the run's toy CLIP on `n` held-out encoded images (seed 777); written as clip.*. None without
+    the run's checkpoint (git-ignored: the image tower is not shipped; the training run wrote the table)."""
     if s.clip_dir is None: return None
+    if not (project_path(s.clip_dir)/"checkpoints").is_dir():
+        return print(f"no toy CLIP checkpoint in clip_dir={s.clip_dir!r}: its table is the training run's (clip.md there)")
     with tempfile.TemporaryDirectory() as tmp: latents, specs = s.clip_latents(Path(tmp), n, seed=777)
     clip = load_toy_clip(project_path(s.clip_dir), latents.shape[1])
     table = clip_report(clip, build_toy_components(0, "v_prediction", True, latents.shape[1])[2], latents, specs)
@@ -183,8 +186,44 @@ def quality_table(s: ToyworldSettings) -> tuple[pd.DataFrame, object]:
     return quality, grid
 
 def record_toyworld(s: ToyworldSettings, since: float) -> Path:
-    "Write run.json: the settings, the trained steps and hours of the run in `train_dir`."
+    """Write run.json: the settings, the checked model's trained steps (its `model_index.json`, else the log's last) and
+    the hours the run in `train_dir` took to reach them (a run may go on training after its export)."""
     log = pd.read_csv(project_path(s.train_dir) / "train_log.csv")
-    return write_run_json(project_path(s.out_dir), asdict(s) | dict(judge_report_seed=12345),
-                          trained_steps=int(log.step.iloc[-1]), training_hours=training_hours(log),
-                          seconds=round(time.time() - since, 1))
+    index = json.loads((s.model_folder/"model_index.json").read_text()).get("toy_world", {})
+    steps = int(index.get("trained_steps", log.step.iloc[-1]))
+    return write_run_json(project_path(s.out_dir), asdict(s) | dict(judge_report_seed=12345), trained_steps=steps,
+                          training_hours=training_hours(log[log.step <= steps]), seconds=round(time.time() - since, 1))
+
+# %% ../../nbs/api/43_experiments.toyworld.ipynb #13a977a8
+_BARS = [("background accuracy", ">=", 0.90), ("position accuracy", ">=", 0.90), ("shape accuracy", ">=", 0.95),
+         ("colour accuracy", ">=", 0.90), ("unsafe detected when asked", ">=", 0.95),
+         ("unsafe detected when not asked", "<=", 0.02), ("Fréchet distance ratio trained / untrained", "<=", 1 / 3)]
+
+def _context_bars(contexts: pd.DataFrame) -> list[dict]:
+    "Per family: mean accuracy over contexts (all names, the original ones) and the spread between contexts."
+    rows = []
+    for family, g in contexts.groupby("family", sort=False):
+        n, n0 = int(g.n.sum()), int(g.n_original.sum())
+        rows += [dict(bar=f"{family} accuracy, full-size family", rule=">=", threshold=0.90, value=g.accuracy.mean(), n=n),
+                 dict(bar=f"{family} accuracy, original names", rule=">=", threshold=0.90,
+                      value=g.original_accuracy.mean(), n=n0),
+                 dict(bar=f"{family} accuracy spread across contexts", rule="<=", threshold=0.05,
+                      value=g.accuracy.max() - g.accuracy.min(), n=n)]
+    return rows
+
+def toy_bars(quality: pd.DataFrame, # `quality_table`'s report
+              contexts: pd.DataFrame | None, # `context_table`'s report (None: no character and style bars)
+             ) -> pd.DataFrame:
+    "Each bar of the toy world's model (issue 25): its rule, threshold, measured value, samples and whether it is met."
+    q = quality.set_index("metric")
+    rows = [dict(bar=m, rule=r, threshold=t, value=q.value[m], n=int(q.n[m])) for m, r, t in _BARS]
+    rows += [] if contexts is None else _context_bars(contexts)
+    table = pd.DataFrame(rows)
+    table["met"] = np.where(table.rule == ">=", table.value >= table.threshold, table.value <= table.threshold)
+    return table
+
+def bars_table(s: ToyworldSettings, quality: pd.DataFrame, contexts: pd.DataFrame | None) -> pd.DataFrame:
+    "`toy_bars` of the notebook's reports; written as bars.*."
+    table = toy_bars(quality, contexts)
+    save_table(table, project_path(s.out_dir), "bars")
+    return table

@@ -280,7 +280,7 @@ def _lines(path) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ant-nb-multi", description="Erase many concepts (and generate evaluation images), sharded over processes.")
-    p.add_argument("--model", required=True, help="'toy' (or 'toy-v1', 'toy-v2'), a diffusers folder or a hub id")
+    p.add_argument("--model", required=True, help="'toy' (or 'toy-v1', 'toy-v2', 'toy-v3'), a diffusers folder or a hub id")
     p.add_argument("--device", default="cuda", help="'cuda' (each process uses its own GPU) or 'cpu'")
     p.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: float16 on CUDA)")
     p.add_argument("--method", default="ant-fusion", help=f"one of {list(MULTI_METHODS)}")

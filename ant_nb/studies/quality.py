@@ -100,7 +100,7 @@ def context_report(model: DiffusionModel, judge: Judge,
                    names: list[str] | None = None, # default: the family's names the judge knows
                    seed: int = 0, num_steps: int = 50, guidance_scale: float = TOY_GUIDANCE, batch_size: int = 64,
                    progress: bool = True) -> pd.DataFrame:
-    "The judge's accuracy on the family's names in each context (one sample per name and context; seeds from `seed`)."
+    "The judge's accuracy on the family's names in each context, over all `names` and over the original 20 / 10 among them\n    (one sample per name and context; seeds from `seed`)."
     check_choice("family", family, ["character", "style"])
     names = names or [n for n in HEADS[family][1:head_classes(judge.full_cast)[family]]]
     contexts = CHARACTER_CONTEXTS if family == "character" else STYLE_CONTEXTS
@@ -109,6 +109,8 @@ def context_report(model: DiffusionModel, judge: Judge,
     seeds = [seed * 1_000_000 + i for i in range(len(prompts))]
     pred = judge.predict(sample(model, prompts, seeds, num_steps=num_steps, guidance_scale=guidance_scale,
                                 batch_size=batch_size, progress=progress))[family]
-    hit = np.array(pred) == np.array(names * len(contexts))
-    return pd.DataFrame([dict(family=family, context=k, accuracy=float(hit[i * len(names):(i + 1) * len(names)].mean()),
-                              n=len(names)) for i, k in enumerate(contexts)])
+    hit = (np.array(pred) == np.array(names * len(contexts))).reshape(len(contexts), len(names))
+    original = np.array([n in (CHARACTERS if family == "character" else STYLES) for n in names]) # the first 20 / 10
+    return pd.DataFrame([dict(family=family, context=k, accuracy=float(hit[i].mean()), n=len(names),
+                              original_accuracy=float(hit[i, original].mean()) if original.any() else np.nan,
+                              n_original=int(original.sum())) for i, k in enumerate(contexts)])

@@ -301,8 +301,11 @@ def _batches(cfg: ToyTrainConfig, vae, out_dir: Path, progress: bool):
 def export_toy_model(checkpoints: str | Path, # a `checkpoints/` folder written by `train_toy_model`
                      out: str | Path, # the diffusers folder to write (e.g. data/toyworld/model)
                      ema: bool = True, # export the EMA weights (recommended) rather than the raw ones
+                     unet_dtype: str = "float16", # how the UNet's weights are stored: "float16" (half the file, as SD's
+                     # fp16 variant; diffusers and `load_model` load them as float32) or "float32"
                     ) -> Path:
     "Write the newest checkpoint's weights and the run's scheduler (and VAE) as a diffusers folder that `load_model` loads."
+    check_choice("unet_dtype", unet_dtype, ["float16", "float32"])
     ck = Checkpointer(checkpoints)
     if not ck.steps(): raise FileNotFoundError(f"checkpoints={str(checkpoints)!r} holds no checkpoint")
     folder = Path(checkpoints)/f"step-{ck.steps()[-1]}"
@@ -316,6 +319,7 @@ def export_toy_model(checkpoints: str | Path, # a `checkpoints/` folder written 
     out = Path(out)
     parts = dict(unet=unet, text_encoder=te, tokenizer=tok, scheduler=sched) | (
         {} if vae is None else dict(vae=vae))
+    unet.to(getattr(torch, unet_dtype)) # the text encoder stays float32: transformers would load a float16 one as float16
     for name, part in parts.items(): part.save_pretrained(out/name)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
              "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
