@@ -149,7 +149,8 @@ def clip_table(s: ToyworldSettings, n: int = 2000) -> pd.DataFrame | None:
     the run's checkpoint (git-ignored: the image tower is not shipped; the training run wrote the table)."""
     if s.clip_dir is None: return None
     if not (project_path(s.clip_dir)/"checkpoints").is_dir():
-        return print(f"no toy CLIP checkpoint in clip_dir={s.clip_dir!r}: its table is the training run's (clip.md there)")
+        print(f"no toy CLIP checkpoint in clip_dir={s.clip_dir!r}: its table is the training run's (clip.md there)")
+        return None
     with tempfile.TemporaryDirectory() as tmp: latents, specs = s.clip_latents(Path(tmp), n, seed=777)
     clip = load_toy_clip(project_path(s.clip_dir), latents.shape[1])
     table = clip_report(clip, build_toy_components(0, "v_prediction", True, latents.shape[1])[2], latents, specs)
