@@ -179,7 +179,7 @@ def load_model(source: str, # "toy" or a `TOY_MODELS` name, a diffusers folder, 
         if m is not None: m.to(dev).eval()
     for m in (text_encoder, vae, *encoders):
         if m is not None: m.requires_grad_(False)
-    name = toy_name(source) if is_toy_model(source) else source # "toy" is recorded as the model it names ("toy-v3")
+    name = toy_name(source) if is_toy_model(source) else source # "toy" is recorded as the model it names ("toy-v1")
     return DiffusionModel(unet, text_encoder, tokenizer, scheduler, vae, source=name, **more)
 
 # %% ../../nbs/api/04_base.model.ipynb #8ac6b502

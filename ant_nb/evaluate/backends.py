@@ -158,7 +158,7 @@ class ToyBackend:
         if not self.judge.full_cast and max(n_erase, n_preserve) > small:
             raise ValueError(f"n_erase={n_erase}, n_preserve={n_preserve}: this judge knows the original {kind} set only "
                              f"({small} + {small}); larger sets need a toy model and judge of the full-size families "
-                             "(model_id 'toy', the default v3, or 'toy-v2')")
+                             "(model_id 'toy-v3' or 'toy-v2')")
         make = toy_celebrity if kind == "celebrity" else toy_art
         return _concept_table(make(per_concept or 5, n_erase, n_preserve), kind)
 

@@ -65,7 +65,7 @@ def setup_experiment(kind: str, # "celebrity" or "art"
                      device: str = "cpu", dtype=None, seed: int = 0,
                      overwrite: bool = False, # write into an existing run folder
                      n_erase: int | None = None, # concepts to erase: the first of the set (None: toy 10 characters /
-                     # 5 styles, real: all of the file's; the toy world's full-size families: toy-v3, the default, or toy-v2)
+                     # 5 styles, real: all of the file's; the toy world's full-size families need model_id toy-v3 or toy-v2)
                      n_preserve: int | None = None, # concepts to keep, likewise
                      **overrides, # `experiment_settings` values (None: the preset's)
                     ) -> Experiment:

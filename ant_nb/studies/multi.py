@@ -123,7 +123,7 @@ class MultiStudySettings:
     # loss_config: a dict of `AntLossConfig` fields to change)
     split_seed: int = 0 # the template shuffle and the evaluation seeds
     n_erase: int | None = None # concepts to erase: the first of the set (None: toy 10 characters / 5 styles, real: all)
-    n_preserve: int | None = None # concepts to keep, likewise (the toy world's full-size families: toy-v3, the default, or toy-v2)
+    n_preserve: int | None = None # concepts to keep, likewise (the toy world's full-size families: models toy-v3, toy-v2)
     n_boot: int = 1000 # bootstrap resamples
 
     @classmethod
