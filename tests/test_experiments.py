@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ant_nb.base.registry import toy_judge_path, toy_model_dir
+from ant_nb.toy.world import FULL_STYLES
 
 NBS = Path(__file__).resolve().parents[1]/"nbs"
 
@@ -98,6 +99,7 @@ def test_train_notebook_latent_route(tmp_path, monkeypatch):
     params = dict(train=True, steps=2, batch_size=4, warmup=1, prediction_type="v_prediction", zero_terminal_snr=True,
                   judge_steps=0, full_cast=True, vae_dir=str(tmp_path/"vae-run"), vae_steps=2, latent_channels=4,
                   latent_images=16, grammar=True, bf16=True, clip_dir=str(tmp_path/"clip"), clip_steps=2, trainable="unet",
+                  contexts=True,
                   judge_path="data/toyworld/judge-v2.safetensors", n_quality=8, num_steps=3,
                   train_dir=str(tmp_path/"train"), model_dir=str(tmp_path/"model"), out_dir=str(tmp_path/"report"))
     pm.execute_notebook(str(NBS/"11_train_toyworld.ipynb"), str(tmp_path/"run.ipynb"), parameters=params,
@@ -107,6 +109,9 @@ def test_train_notebook_latent_route(tmp_path, monkeypatch):
     clip = pd.read_csv(tmp_path/"report"/"clip.csv")
     assert clip.family.tolist() == ["colour", "position", "background", "character", "style"] and (clip.n > 0).all()
     assert (tmp_path/"report"/"quality.csv").exists()
+    styles = pd.read_csv(tmp_path/"report"/"styles.csv", keep_default_na=False)
+    assert len(styles) == 40 and set(styles.effect) == {e for e, _ in FULL_STYLES.values()} and (styles.n == 8).all()
+    assert set(pd.read_csv(tmp_path/"report"/"contexts.csv").family) == {"character", "style"}
 
 
 def test_presets_lookalikes_and_grid_columns():

@@ -21,17 +21,19 @@ from ..base.model import DiffusionModel, load_model
 from ..base.registry import toy_judge_path, toy_model_dir
 from ..base.report import log_progress, save_figure, save_table, write_run_json
 from ..base.sampling import image_grid
-from ..studies.quality import context_report, quality_report
+from ..studies.quality import context_report, name_report, quality_report
 from ..toy.judges import judge_report, load_judge, save_judge, train_judge
 from ..toy.model import build_toy_components
 from ..toy.clip import ToyClipConfig, clip_report, load_toy_clip, train_toy_clip
 from ..toy.train import (ToyTrainConfig, encode_world, export_toy_model, train_toy_model, training_hours,
                             training_mix)
 from ..toy.vae import ToyVAEConfig, train_toy_vae, vae_report
+from ..toy.world import FULL_STYLES
+
 
 # %% auto #0
-__all__ = ['ToyworldSettings', 'train_toyworld', 'train_curve', 'vae_quality', 'vae_table', 'context_table', 'clip_table',
-           'judge_table', 'quality_table', 'record_toyworld', 'toy_bars', 'bars_table']
+__all__ = ['ToyworldSettings', 'train_toyworld', 'train_curve', 'vae_quality', 'vae_table', 'context_table', 'style_table',
+           'clip_table', 'judge_table', 'quality_table', 'record_toyworld', 'toy_bars', 'bars_table']
 
 # %% ../../nbs/api/43_experiments.toyworld.ipynb #c5321070
 @dataclass
@@ -42,7 +44,7 @@ class ToyworldSettings:
     p_character: float; trainable: str; judge_path: str | None; quality_seed: int; device: str; workers: int
     n_quality: int; num_steps: int; guidance_scale: float; train_dir: str; out_dir: str
     vae_dir: str | None; vae_steps: int; latent_channels: int; latent_images: int | None; grammar: bool; bf16: bool
-    contexts: bool; clip_dir: str | None; clip_steps: int
+    contexts: bool; clip_dir: str | None; clip_steps: int; focus_effects: str | None; p_focus: float
 
     def __post_init__(self):
         check_device(self.device)
@@ -64,7 +66,8 @@ class ToyworldSettings:
                               p_character=self.p_character, trainable=self.trainable, grammar=self.grammar, bf16=self.bf16,
                               vae=None if self.vae_dir is None else str(project_path(self.vae_dir)/"vae"),
                               latent_images=self.latent_images,
-                              text_encoder=None if self.clip_dir is None else str(project_path(self.clip_dir)/"text_encoder"))
+                              text_encoder=None if self.clip_dir is None else str(project_path(self.clip_dir)/"text_encoder"),
+                              focus_effects=self.focus_effects, p_focus=self.p_focus)
 
     def vae_recipe(self) -> ToyVAEConfig:
         "The VAE's training recipe (a latent model's first stage)."
@@ -142,6 +145,20 @@ def context_table(s: ToyworldSettings) -> pd.DataFrame | None:
     table = pd.concat([context_report(model, judge, family, **kw) for family in ("character", "style")], ignore_index=True)
     save_table(table, project_path(s.out_dir), "contexts")
     return table
+
+def style_table(s: ToyworldSettings, per_name: int = 8) -> pd.DataFrame | None:
+    """`name_report` of every style (`per_name` samples each, portrait context; models trained on the grammar), with
+    each style's effect and palette and the effect the judge read instead most often; written as styles.*."""
+    if not s.contexts: return None
+    model, judge = load_model(str(s.model_folder), device=s.device), load_judge(s.judge_file)
+    table = name_report(model, judge, "style", per_name=per_name, seed=s.quality_seed, num_steps=s.num_steps,
+                        guidance_scale=s.guidance_scale)
+    look = {n: FULL_STYLES.get(n, ("", "")) for n in set(table.name) | set(table.instead)} # the 40 include the 10
+    table.insert(1, "effect", [look[n][0] for n in table.name]); table.insert(2, "palette", [look[n][1] for n in table.name])
+    table["instead_effect"] = [look[n][0] for n in table.instead]
+    save_table(table, project_path(s.out_dir), "styles")
+    return table
+
 
 # %% ../../nbs/api/43_experiments.toyworld.ipynb #a4bdeb1e
 def clip_table(s: ToyworldSettings, n: int = 2000) -> pd.DataFrame | None:

@@ -5,6 +5,8 @@
 # %% ../../nbs/api/38_studies.quality.ipynb #e86ea7d4
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 
@@ -22,7 +24,7 @@ from ..toy.world import (BACKGROUNDS, CHARACTERS, COLOURS, FULL_CHARACTERS, FULL
 
 # %% auto #0
 __all__ = ['CHARACTER_CONTEXTS', 'STYLE_CONTEXTS', 'quality_specs', 'family_accuracy', 'quality_report', 'concept_kind',
-           'context_specs', 'context_report']
+           'family_names', 'context_specs', 'context_report', 'name_report']
 
 # %% ../../nbs/api/38_studies.quality.ipynb #1fb68130
 def quality_specs(n: int = 256, seed: int = 0,
@@ -84,6 +86,10 @@ def concept_kind(spec: dict) -> str:
 CHARACTER_CONTEXTS = ("portrait", "picture", "photo", "first", "after-position") # keys of `CONTEXTS`
 STYLE_CONTEXTS = ("portrait", "style-by", "style-first") # the artist after "in the style of", after "by", first
 
+def family_names(judge: Judge, family: str) -> list[str]:
+    "The names of `family` (\"character\" or \"style\") that `judge` reads, in the family's order."
+    return [n for n in HEADS[family][1:head_classes(judge.full_cast)[family]]]
+
 def context_specs(family: str, # "character" or "style"
                   names: list[str], # the family's names to test
                   seed: int = 0) -> list[dict]:
@@ -102,7 +108,7 @@ def context_report(model: DiffusionModel, judge: Judge,
                    progress: bool = True) -> pd.DataFrame:
     "The judge's accuracy on the family's names in each context, over all `names` and over the original 20 / 10 among them\n    (one sample per name and context; seeds from `seed`)."
     check_choice("family", family, ["character", "style"])
-    names = names or [n for n in HEADS[family][1:head_classes(judge.full_cast)[family]]]
+    names = names or family_names(judge, family)
     contexts = CHARACTER_CONTEXTS if family == "character" else STYLE_CONTEXTS
     specs = context_specs(family, names, seed)
     prompts = [caption(s, CONTEXTS[k]) for k in contexts for s in specs]
@@ -114,3 +120,28 @@ def context_report(model: DiffusionModel, judge: Judge,
     return pd.DataFrame([dict(family=family, context=k, accuracy=float(hit[i].mean()), n=len(names),
                               original_accuracy=float(hit[i, original].mean()) if original.any() else np.nan,
                               n_original=int(original.sum())) for i, k in enumerate(contexts)])
+
+# %% ../../nbs/api/38_studies.quality.ipynb #7c1d2e91
+def name_report(model: DiffusionModel, judge: Judge,
+                family: str = "style", # "character" or "style"
+                names: list[str] | None = None, # default: the family's names the judge knows
+                per_name: int = 8, # samples per name
+                context: str = "portrait", # a key of `CONTEXTS`
+                seed: int = 0, num_steps: int = 50, guidance_scale: float = TOY_GUIDANCE, batch_size: int = 64,
+                progress: bool = True) -> pd.DataFrame:
+    "Per name: accuracy over `per_name` samples, the answer the judge gave most often instead, and its share."
+    check_choice("family", family, ["character", "style"]); check_choice("context", context, list(CONTEXTS))
+    if isinstance(per_name, bool) or not isinstance(per_name, int) or per_name < 1:
+        raise ValueError(f"per_name={per_name!r} is not allowed; it must be an integer >= 1")
+    names = names or family_names(judge, family)
+    specs = [s for r in range(per_name) for s in context_specs(family, names, seed * 1000 + r)]
+    prompts = [caption(s, CONTEXTS[context]) for s in specs]
+    seeds = [seed * 1_000_000 + i for i in range(len(prompts))]
+    pred = np.array(judge.predict(sample(model, prompts, seeds, num_steps=num_steps, guidance_scale=guidance_scale,
+                                         batch_size=batch_size, progress=progress))[family]).reshape(per_name, len(names))
+    rows = []
+    for i, name in enumerate(names):
+        wrong = Counter(str(p) for p in pred[:, i] if p != name).most_common(1)
+        rows.append(dict(name=name, accuracy=float((pred[:, i] == name).mean()), n=per_name,
+                         instead=wrong[0][0] if wrong else "", instead_share=wrong[0][1] / per_name if wrong else 0.0))
+    return pd.DataFrame(rows)

@@ -31,11 +31,11 @@ from .grammar import GrammarMix, random_form
 from .model import SCHEDULER_CONFIG, build_toy_components, toy_scheduler_config
 from .prompts import WorldMix, images_to_tensor, prompt_of, random_spec, step_loader
 from .vae import to_latents
-from .world import complete_spec, render
+from .world import FULL_STYLES, complete_spec, render
 
 # %% auto #0
-__all__ = ['TRAINABLE', 'SCHEDULER_FILE', 'world_batch', 'encode_world', 'cached_batch', 'ToyTrainConfig', 'training_hours',
-           'train_toy_model', 'training_mix', 'export_toy_model']
+__all__ = ['TRAINABLE', 'SCHEDULER_FILE', 'world_batch', 'encode_world', 'cached_batch', 'focus_indices', 'ToyTrainConfig',
+           'training_hours', 'train_toy_model', 'training_mix', 'export_toy_model']
 
 # %% ../../nbs/api/24_toy.train.ipynb #ca7d5732
 def world_batch(rng: np.random.Generator, n: int, mix: WorldMix = WorldMix(), p_drop: float = 0.1,
@@ -71,12 +71,22 @@ def encode_world(vae: AutoencoderKL, folder: Path, n: int, # images to encode, i
     return torch.cat(zs), specs
 
 def cached_batch(rng: np.random.Generator, latents: torch.Tensor, specs: list[dict], n: int, mix: WorldMix,
-                 p_drop: float = 0.1, grammar: GrammarMix | None = None):
-    "A training batch from encoded images: (latents (n, C, 16, 16) float32, prompts (n,) freshly phrased)."
+                 p_drop: float = 0.1, grammar: GrammarMix | None = None,
+                 focus: np.ndarray | None = None, # indices of the images that fill the first round(`p_focus`·n) rows
+                 p_focus: float = 0.0):
+    """A training batch from encoded images: (latents (n, C, 16, 16) float32, prompts (n,) freshly phrased); with `focus`,
+    a fraction `p_focus` of it drawn from those images (the rest from all of them, as without)."""
     idx = rng.integers(0, len(specs), n)
+    if focus is not None and p_focus > 0:
+        k = round(n * p_focus); idx[:k] = focus[rng.integers(0, len(focus), k)]
     phrase = lambda s: prompt_of(s) if grammar is None else prompt_of(s, random_form(rng, grammar))
     return latents[torch.from_numpy(idx)].float(), ["" if rng.random() < p_drop else phrase(_said(specs[i], rng, mix))
                                                     for i in idx]
+
+def focus_indices(specs: list[dict], effects: str) -> np.ndarray:
+    "Indices of the `specs` whose style has one of the comma-separated `effects` (e.g. \"vstripes,dots\")."
+    wanted = set(effects.split(","))
+    return np.array([i for i, s in enumerate(specs) if s.get("style") and FULL_STYLES[s["style"]][0] in wanted], dtype=np.int64)
 
 # %% ../../nbs/api/24_toy.train.ipynb #3dac2dec
 TRAINABLE = {"all": "every weight of the UNet and the text encoder",
@@ -113,6 +123,9 @@ class ToyTrainConfig:
     bf16: bool = False # bfloat16 autocast on a CPU as well (always on CUDA)
     text_encoder: str | None = None # start from this pretrained text encoder (a toy `CLIPTextModel` folder, e.g. the
     # text_encoder/ of `ant_nb.toy.clip.train_toy_clip`), after `init`; None: `init`'s or fresh weights
+    focus_effects: str | None = None # cached latent runs: comma-separated style effects (`FULL_STYLES`' first fields,
+    # e.g. "vstripes,hstripes,diagonal,dots") whose images fill a fraction `p_focus` of every batch; None: uniform batches
+    p_focus: float = 0.5 # with `focus_effects`: the fraction of each batch drawn from their images
 
     def __post_init__(self): _check_config(self)
 
@@ -140,6 +153,12 @@ def _check_config(cfg: ToyTrainConfig):
     if cfg.text_encoder is not None and not (project_path(cfg.text_encoder)/"config.json").is_file():
         raise ValueError(f"text_encoder={cfg.text_encoder!r} is not a text-encoder folder (no config.json); train one with "
                          "ant_nb.toy.clip.train_toy_clip")
+    if cfg.focus_effects is not None:
+        effects = sorted({e for e, _ in FULL_STYLES.values()})
+        if not isinstance(cfg.focus_effects, str) or not set(cfg.focus_effects.split(",")) <= set(effects):
+            raise ValueError(f"focus_effects={cfg.focus_effects!r} is not allowed; give comma-separated effects of {effects}")
+        if cfg.latent_images is None: raise ValueError("focus_effects needs cached latents; pass latent_images=<n>")
+        check_range("p_focus", cfg.p_focus, 0.0, 1.0)
     if cfg.trainable == "unet" and cfg.init is None and cfg.text_encoder is None:
         raise ValueError("trainable='unet' keeps the text encoder as it starts; give text_encoder=<a pretrained one> (or "
                          "init), not a frozen random encoder")
@@ -192,7 +211,8 @@ def _check_schedule(checkpoints: Path, sched: DDIMScheduler):
                               f"(trained, asked for): {diff}. Resume with the prediction_type and zero_terminal_snr "
                               "they were trained with, or pass resume=False or another out_dir")
 
-_RESUME_KEYS = ("full_cast", "p_character", "trainable", "vae", "grammar", "latent_images", "text_encoder") # recipe fields a resumed run must keep (the world, the weights that learn)
+_RESUME_KEYS = ("full_cast", "p_character", "trainable", "vae", "grammar", "latent_images", "text_encoder",
+                "focus_effects", "p_focus") # recipe fields a resumed run must keep (the world, the weights that learn)
 
 def _check_recipe(out_dir: Path, cfg: ToyTrainConfig):
     "Refuse to resume a run trained on another world or with other trainable weights (`_RESUME_KEYS`) than `cfg`'s."
@@ -295,7 +315,9 @@ def _batches(cfg: ToyTrainConfig, vae, out_dir: Path, progress: bool):
     mix, grammar = training_mix(cfg.full_cast, cfg.p_character, cfg.grammar)
     if cfg.latent_images is None: return partial(world_batch, n=cfg.batch_size, mix=mix, p_drop=cfg.p_drop, grammar=grammar)
     latents, specs = encode_world(vae, out_dir/"latents", cfg.latent_images, mix, cfg.seed, progress=progress)
-    return partial(cached_batch, latents=latents, specs=specs, n=cfg.batch_size, mix=mix, p_drop=cfg.p_drop, grammar=grammar)
+    focus = None if cfg.focus_effects is None else focus_indices(specs, cfg.focus_effects)
+    return partial(cached_batch, latents=latents, specs=specs, n=cfg.batch_size, mix=mix, p_drop=cfg.p_drop, grammar=grammar,
+                   focus=focus, p_focus=cfg.p_focus)
 
 # %% ../../nbs/api/24_toy.train.ipynb #b7b10538
 def export_toy_model(checkpoints: str | Path, # a `checkpoints/` folder written by `train_toy_model`
