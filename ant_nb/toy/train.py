@@ -332,7 +332,8 @@ def export_toy_model(checkpoints: str | Path, # a `checkpoints/` folder written 
     if not ck.steps(): raise FileNotFoundError(f"checkpoints={str(checkpoints)!r} holds no checkpoint")
     folder = Path(checkpoints)/f"step-{ck.steps()[-1]}"
     recipe = json.loads((Path(checkpoints).parent/"recipe.json").read_text())
-    cfg = ToyTrainConfig(**{k: v for k, v in recipe.items() if k in ToyTrainConfig.__dataclass_fields__} | dict(init=None))
+    cfg = ToyTrainConfig(**{k: v for k, v in recipe.items() if k in ToyTrainConfig.__dataclass_fields__} | # the architecture;
+                         dict(init=None, text_encoder=None, trainable="all")) # the weights come from the checkpoint
     unet, te, tok, sched, vae = _components(cfg)
     _check_schedule(Path(checkpoints), sched) # the run's noise schedule; sampling settings as the code gives them now
     pre = "ema_" if ema else ""
