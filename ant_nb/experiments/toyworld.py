@@ -9,6 +9,7 @@ import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from ..base.registry import toy_judge_path, toy_model_dir
 from ..base.report import log_progress, save_figure, save_table, write_run_json
 from ..base.sampling import image_grid
 from ..studies.quality import context_report, name_report, quality_report
-from ..toy.judges import judge_report, load_judge, save_judge, train_judge
+from ..toy.judges import Judge, judge_report, load_judge, save_judge, train_judge
 from ..toy.model import build_toy_components
 from ..toy.clip import ToyClipConfig, clip_report, load_toy_clip, train_toy_clip
 from ..toy.train import (ToyTrainConfig, encode_world, export_toy_model, train_toy_model, training_hours,
@@ -85,6 +86,11 @@ class ToyworldSettings:
     def model_folder(self) -> Path: return project_path(self.model_dir) if self.model_dir else toy_model_dir()
     @property
     def judge_file(self) -> Path: return project_path(self.judge_path) if self.judge_path else toy_judge_path()
+    @cached_property
+    def judged_model(self) -> tuple[DiffusionModel, Judge]:
+        "(model, judge) that the report checks, loaded once for all its tables (after training, on first use)."
+        return (load_model("toy" if self.model_dir is None else str(self.model_folder), device=self.device),
+                load_judge(self.judge_file))
 
 # %% ../../nbs/api/43_experiments.toyworld.ipynb #1bc9cd02
 def train_toyworld(s: ToyworldSettings, since: float) -> None:
@@ -140,7 +146,7 @@ def vae_table(s: ToyworldSettings) -> pd.DataFrame | None:
 def context_table(s: ToyworldSettings) -> pd.DataFrame | None:
     "Characters and styles in every context of the grammar (models trained on it); written as contexts.*."
     if not s.contexts: return None
-    model, judge = load_model(str(s.model_folder), device=s.device), load_judge(s.judge_file)
+    model, judge = s.judged_model
     kw = dict(seed=s.quality_seed, num_steps=s.num_steps, guidance_scale=s.guidance_scale)
     table = pd.concat([context_report(model, judge, family, **kw) for family in ("character", "style")], ignore_index=True)
     save_table(table, project_path(s.out_dir), "contexts")
@@ -150,7 +156,7 @@ def style_table(s: ToyworldSettings, per_name: int = 8) -> pd.DataFrame | None:
     """`name_report` of every style (`per_name` samples each, portrait context; models trained on the grammar), with
     each style's effect and palette and the effect the judge read instead most often; written as styles.*."""
     if not s.contexts: return None
-    model, judge = load_model(str(s.model_folder), device=s.device), load_judge(s.judge_file)
+    model, judge = s.judged_model
     table = name_report(model, judge, "style", per_name=per_name, seed=s.quality_seed, num_steps=s.num_steps,
                         guidance_scale=s.guidance_scale)
     look = {n: FULL_STYLES.get(n, ("", "")) for n in set(table.name) | set(table.instead)} # the 40 include the 10
@@ -185,9 +191,8 @@ _FD = "Fréchet distance (objects)"
 
 def quality_table(s: ToyworldSettings) -> tuple[pd.DataFrame, object]:
     "The model's quality report with the untrained model's Fréchet distance and the ratio; written as quality.*, and its samples."
-    judge, kw = load_judge(s.judge_file), dict(n=s.n_quality, seed=s.quality_seed, num_steps=s.num_steps,
+    (model, judge), kw = s.judged_model, dict(n=s.n_quality, seed=s.quality_seed, num_steps=s.num_steps,
                                               guidance_scale=s.guidance_scale, full_cast=s.full_cast)
-    model = load_model("toy" if s.model_dir is None else str(s.model_folder), device=s.device)
     quality, images = quality_report(model, judge, **kw)
     sc, c = model.scheduler.config, model.vae and model.vae.config.latent_channels
     # the reference: an untrained model of the same architecture and noise schedule (a latent model's keeps its VAE)

@@ -129,14 +129,15 @@ def name_report(model: DiffusionModel, judge: Judge,
                 context: str = "portrait", # a key of `CONTEXTS`
                 seed: int = 0, num_steps: int = 50, guidance_scale: float = TOY_GUIDANCE, batch_size: int = 64,
                 progress: bool = True) -> pd.DataFrame:
-    "Per name: accuracy over `per_name` samples, the answer the judge gave most often instead, and its share."
+    """Per name: accuracy over `per_name` samples, the answer the judge gave most often instead, and its share (sampling
+    seeds from `seed`, apart from those of `context_report` at the same `seed`)."""
     check_choice("family", family, ["character", "style"]); check_choice("context", context, list(CONTEXTS))
     if isinstance(per_name, bool) or not isinstance(per_name, int) or per_name < 1:
         raise ValueError(f"per_name={per_name!r} is not allowed; it must be an integer >= 1")
     names = names or family_names(judge, family)
     specs = [s for r in range(per_name) for s in context_specs(family, names, seed * 1000 + r)]
     prompts = [caption(s, CONTEXTS[context]) for s in specs]
-    seeds = [seed * 1_000_000 + i for i in range(len(prompts))]
+    seeds = [seed * 1_000_000 + 500_000 + i for i in range(len(prompts))] # not the noise of context_report's samples
     pred = np.array(judge.predict(sample(model, prompts, seeds, num_steps=num_steps, guidance_scale=guidance_scale,
                                          batch_size=batch_size, progress=progress))[family]).reshape(per_name, len(names))
     rows = []

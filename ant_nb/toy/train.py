@@ -86,7 +86,11 @@ def cached_batch(rng: np.random.Generator, latents: torch.Tensor, specs: list[di
 def focus_indices(specs: list[dict], effects: str) -> np.ndarray:
     "Indices of the `specs` whose style has one of the comma-separated `effects` (e.g. \"vstripes,dots\")."
     wanted = set(effects.split(","))
-    return np.array([i for i, s in enumerate(specs) if s.get("style") and FULL_STYLES[s["style"]][0] in wanted], dtype=np.int64)
+    idx = [i for i, s in enumerate(specs) if s.get("style") and FULL_STYLES[s["style"]][0] in wanted]
+    if not idx:
+        raise ValueError(f"focus_effects={effects!r}: none of the {len(specs)} cached images has a style with these effects; "
+                         "cache more images (latent_images) or choose effects the world draws (full_cast for all 40 styles)")
+    return np.array(idx, dtype=np.int64)
 
 # %% ../../nbs/api/24_toy.train.ipynb #3dac2dec
 TRAINABLE = {"all": "every weight of the UNet and the text encoder",
