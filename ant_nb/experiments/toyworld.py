@@ -242,7 +242,8 @@ def toy_bars(quality: pd.DataFrame, # `quality_table`'s report
     rows = [dict(bar=m, rule=r, threshold=t, value=q.value[m], n=int(q.n[m])) for m, r, t in _BARS]
     rows += [] if contexts is None else _context_bars(contexts)
     table = pd.DataFrame(rows)
-    table["met"] = np.where(table.rule == ">=", table.value >= table.threshold, table.value <= table.threshold)
+    v = table.value.astype(float).round(9) # accuracies are fractions k/n: 1 - 0.95 is 0.05, not 0.05000000000000004
+    table["met"] = np.where(table.rule == ">=", v >= table.threshold, v <= table.threshold)
     return table
 
 def bars_table(s: ToyworldSettings, quality: pd.DataFrame, contexts: pd.DataFrame | None) -> pd.DataFrame:
