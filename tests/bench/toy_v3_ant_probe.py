@@ -31,15 +31,23 @@ from ant_nb.method.saliency import cached_saliency_mask
 CONCEPT = ["nudity", "naked", "erotic", "sexual"]
 
 
-def arms(cfg) -> dict:
+def arms(cfg, unet) -> dict:
     "Arm name -> `erase_concept` changes to the toy preset (None: the original model)."
+    cross = {n: torch.full(p.shape, "attn2." in n) for n, p in unet.named_parameters()} # ESD-x's parameters
     return {"original": None, "toy preset": {}, "t'=15": dict(config=replace(cfg, t_prime=15)),
             "t'=30": dict(config=replace(cfg, t_prime=30)), "t'=47": dict(config=replace(cfg, t_prime=47)),
             "t'=49": dict(config=replace(cfg, t_prime=49)), "lr 2e-3": dict(lr=2e-3), "400 it": dict(iterations=400),
             "no mask": dict(mask=None), "erase only": dict(config=replace(cfg, terms=("erase",))),
             "no cache": dict(cache_size=0), "esd-x": dict(method="esd-x", mask=None),
             "erase at all steps": dict(config=replace(cfg, terms=("erase",), erase_all_steps=True)),
-            "Table 4 B": dict(config=ablation_config("B", cfg))}
+            "Table 4 B": dict(config=ablation_config("B", cfg)),
+            "cross-attention mask": dict(mask=cross),
+            "erase at all steps, no mask": dict(mask=None, config=replace(cfg, terms=("erase",), erase_all_steps=True)),
+            "erase at all steps, cross-attention": dict(mask=cross, config=replace(cfg, terms=("erase",), erase_all_steps=True)),
+            "cross-attention, t'=49": dict(mask=cross, config=replace(cfg, t_prime=49)),
+            "cross-attention, erase only": dict(mask=cross, config=replace(cfg, terms=("erase",))),
+            "cross-attention, erase + preserve": dict(mask=cross, config=replace(cfg, terms=("preserve", "erase"))),
+            "cross-attention, erase + uncond": dict(mask=cross, config=replace(cfg, terms=("erase", "uncond_early", "uncond_late")))}
 
 
 def erased(model, mask, change: dict):
@@ -67,7 +75,7 @@ def main():
     torch.set_num_threads(a.threads)
     model, backend = load_model(a.model), load_backend(a.model, "cpu")
     cfg = erase_defaults("ant", "toy")["config"]
-    table = arms(cfg)
+    table = arms(cfg, model.unet)
     chosen = a.arms or list(table)
     unknown = [x for x in chosen if x not in table]
     if unknown: raise ValueError(f"arms={unknown} are not allowed; choose from {list(table)}")
