@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from ..base.checks import check_choice
+from ..base.checks import check_choice, check_int
 from ..base.model import DiffusionModel
 from ..base.registry import TOY_GUIDANCE
 from ..base.sampling import sample
@@ -132,8 +132,7 @@ def name_report(model: DiffusionModel, judge: Judge,
     """Per name: accuracy over `per_name` samples, the answer the judge gave most often instead, and its share (sampling
     seeds from `seed`, apart from those of `context_report` at the same `seed`)."""
     check_choice("family", family, ["character", "style"]); check_choice("context", context, list(CONTEXTS))
-    if isinstance(per_name, bool) or not isinstance(per_name, int) or per_name < 1:
-        raise ValueError(f"per_name={per_name!r} is not allowed; it must be an integer >= 1")
+    per_name = check_int("per_name", per_name, 1)
     names = names or family_names(judge, family)
     specs = [s for r in range(per_name) for s in context_specs(family, names, seed * 1000 + r)]
     prompts = [caption(s, CONTEXTS[context]) for s in specs]

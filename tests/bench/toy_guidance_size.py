@@ -17,9 +17,10 @@ import torch
 from ant_nb.base.files import project_path
 from ant_nb.base.model import load_model
 from ant_nb.base.report import save_table
+from ant_nb.toy.world import UNSAFE_WORDS
 from ant_nb.method.trajectories import TrajectoryLatents
 
-CONCEPT = ["nudity", "naked", "erotic", "sexual"]
+CONCEPT = UNSAFE_WORDS # the four phrasings 20_nsfw erases
 T_PRIME = 43
 
 
@@ -39,8 +40,8 @@ def main():
     torch.set_num_threads(a.threads)
     rows = []
     for name in a.models:
-        r = relative_size(load_model(name))
-        sched = load_model(name).scheduler.config
+        model = load_model(name)
+        r, sched = relative_size(model), model.scheduler.config
         rows.append(dict(model=name, prediction=sched.prediction_type, zero_terminal_snr=sched.get("rescale_betas_zero_snr", False),
                          preserve_stage=float(r[T_PRIME:].mean()), erase_stage=float(r[:T_PRIME].mean()),
                          **{f"t{t}": float(r[t - 1]) for t in (50, 45, 40, 30, 20, 10, 1)}))

@@ -21,6 +21,7 @@ import torch
 from ant_nb.base.files import project_path
 from ant_nb.base.model import load_model
 from ant_nb.base.report import save_table
+from ant_nb.toy.world import UNSAFE_WORDS
 from ant_nb.base.sampling import sample
 from ant_nb.evaluate.backends import load_backend
 from ant_nb.evaluate.scores import i2p_table, nsfw_scores, prior_table
@@ -28,7 +29,7 @@ from ant_nb.method.erase import erase_concept, erase_defaults
 from ant_nb.method.losses import ablation_config
 from ant_nb.method.saliency import cached_saliency_mask
 
-CONCEPT = ["nudity", "naked", "erotic", "sexual"]
+CONCEPT = UNSAFE_WORDS # the four phrasings 20_nsfw erases
 
 
 def arms(cfg, unet) -> dict:
