@@ -11,7 +11,8 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from .checks import check_choice, check_int
 
 # %% auto #0
-__all__ = ['PREDICTION_TYPES', 'is_flow_matching', 'paper_timesteps', 'paper_step_to_timestep', 'prediction_target']
+__all__ = ['PREDICTION_TYPES', 'is_flow_matching', 'paper_timesteps', 'paper_step_to_timestep', 'prediction_target',
+           'epsilon_scale']
 
 # %% ../../nbs/api/05_base.timesteps.ipynb #bc57c8cc
 def is_flow_matching(scheduler, # a diffusers scheduler
@@ -57,3 +58,15 @@ def prediction_target(scheduler, # a diffusers scheduler; its `config.prediction
     if is_flow_matching(scheduler): return noise - x0
     kind = check_choice("prediction_type", scheduler.config.prediction_type, PREDICTION_TYPES)
     return noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
+
+# %% ../../nbs/api/05_base.timesteps.ipynb #1d62d3be
+def epsilon_scale(scheduler, # a diffusers scheduler; its `config.prediction_type` is what the UNet predicts
+                  timesteps: torch.Tensor, # scheduler timesteps τ (N,) (flow matching: 1000·σ)
+                 ) -> torch.Tensor:
+    """s (N,), float32: an error e in the denoiser's prediction at (z_τ, τ) is an error s·e in the ε it implies. 1 for
+    "epsilon", √ᾱ_τ for "v_prediction", 1 − σ (σ = τ / num_train_timesteps) for flow matching."""
+    t = torch.as_tensor(timesteps).reshape(-1)
+    if is_flow_matching(scheduler): return 1 - t.float() / scheduler.config.num_train_timesteps
+    kind = check_choice("prediction_type", scheduler.config.prediction_type, PREDICTION_TYPES)
+    if kind == "epsilon": return torch.ones(t.shape, device=t.device)
+    return scheduler.alphas_cumprod.to(t.device)[t.long()].sqrt().float()

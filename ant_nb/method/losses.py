@@ -13,15 +13,17 @@ import torch.nn.functional as F
 from ..base.backbones import Conditioning, backbone_of, cat_conditions, predict
 from ..base.checks import check_choice, check_nonempty_unique, check_positive, check_range
 from ..base.sampling import guide
+from ..base.timesteps import epsilon_scale
 
 # %% auto #0
-__all__ = ['TERMS', 'STAGE_ORDERS', 'PAPER_TABLE6', 'ABLATIONS', 'METHODS', 'SD3_TEXT_KV', 'SD3_TEXT_STREAM', 'SD3_OUTER',
-           'AntLossConfig', 'paper_config', 'ablation_config', 'stage_ranges', 'draw_steps', 'ant_targets',
+__all__ = ['TERMS', 'STAGE_ORDERS', 'LOSS_SPACES', 'PAPER_TABLE6', 'ABLATIONS', 'METHODS', 'SD3_TEXT_KV', 'SD3_TEXT_STREAM',
+           'SD3_OUTER', 'AntLossConfig', 'paper_config', 'ablation_config', 'stage_ranges', 'draw_steps', 'ant_targets',
            'ant_weights', 'ant_loss', 'esd_loss', 'ac_loss', 'trainable_names']
 
 # %% ../../nbs/api/10_method.losses.ipynb #39312397
 TERMS = ("preserve", "erase", "uncond_early", "uncond_late") # the four terms of Eq. 3, in order
 STAGE_ORDERS = ("paper", "official-single")
+LOSS_SPACES = ("prediction", "epsilon")
 
 @dataclass(frozen=True)
 class AntLossConfig:
@@ -36,6 +38,9 @@ class AntLossConfig:
     erase_all_steps: bool = False # True: L_erase* of Table 4, erase-stage steps drawn from all of {1, ..., T}
     stage_order: str = "paper" # "paper" (Eq. 3) or "official-single" (stage ranges swapped, as the authors' script)
     uncond_grad: bool = True # False: unconditional terms carry no gradient (authors' script)
+    loss_space: str = "prediction" # "prediction": squared errors of the UNet's own outputs (ε, v or velocity), as the
+    # official code, which met only ε models; "epsilon": of the ε each output implies at z_t (`epsilon_scale`; the same
+    # on ε models, each sample weighted by ᾱ_τ on v models); `ant_loss` then needs the scheduler
 
     def __post_init__(self):
         check_range("num_steps", self.num_steps, 2, 10_000)
@@ -47,6 +52,7 @@ class AntLossConfig:
         for t in terms: check_choice("terms", t, TERMS)
         object.__setattr__(self, "terms", tuple(t for t in TERMS if t in terms))
         check_choice("stage_order", self.stage_order, STAGE_ORDERS)
+        check_choice("loss_space", self.loss_space, LOSS_SPACES)
         if not self.uncond_grad and set(terms) <= {"uncond_early", "uncond_late"}:
             raise ValueError(f"terms={terms} with uncond_grad=False leaves nothing to train; "
                              "switch on 'preserve' or 'erase', or set uncond_grad=True")
@@ -135,6 +141,20 @@ def ant_targets(frozen: dict[str, torch.Tensor], # θ*'s predictions (B, C, H, W
                 erase=guide(frozen["era_u"], frozen["era_c"], eta, reverse=True), # late: guide away from c
                 uncond_early=frozen["pre_u"], uncond_late=frozen["era_u"]) # unconditional: unchanged
 
+def _term_scales(config: AntLossConfig, scheduler, ts_pre: torch.Tensor, ts_era: torch.Tensor) -> dict:
+    "Each term's error scale (B,) that measures it in ε (`loss_space='epsilon'`), or None (`'prediction'`)."
+    if config.loss_space == "prediction": return dict.fromkeys(TERMS)
+    if scheduler is None:
+        raise ValueError("config.loss_space='epsilon' needs the model's scheduler; pass scheduler=model.scheduler")
+    pre, era = epsilon_scale(scheduler, ts_pre), epsilon_scale(scheduler, ts_era)
+    return dict(preserve=pre, erase=era, uncond_early=pre, uncond_late=era)
+
+def _mse(pred: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    "Mean squared error (scalar) of (B, ...) tensors; with `scale` (B,), of each sample's error times its scale."
+    if scale is None: return F.mse_loss(pred.float(), target.float())
+    err = pred.float() - target.float()
+    return (scale.to(err.device).view(-1, *[1] * (err.dim() - 1)) * err).pow(2).mean()
+
 def ant_weights(config: AntLossConfig) -> dict[str, float]:
     "The weight of each term of Eq. 3: 1, λ1, λ2, λ3."
     return dict(preserve=1.0, erase=config.lambda1, uncond_early=config.lambda2, uncond_late=config.lambda3)
@@ -150,6 +170,7 @@ def ant_loss(unet, # trained UNet θ
              uncond: torch.Tensor, # embeddings (B or 1, L, D) of the empty prompt
              config: AntLossConfig = AntLossConfig(), # λ, η, terms, options
              frozen_eps: dict[str, torch.Tensor] | None = None, # θ*'s predictions, if known: pre_u, pre_c, era_u, era_c
+             scheduler=None, # the model's scheduler: needed when `config.loss_space` is "epsilon"
             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 3: the weighted ANT loss (scalar) and each term's value (detached; `loss` is the total). One frozen UNet call
     (batch 4B; none when `frozen_eps` holds θ*'s predictions, e.g. from cached trajectories) and one trained call
@@ -164,7 +185,8 @@ def ant_loss(unet, # trained UNet θ
     inputs = dict(preserve=at["pre_c"], erase=at["era_c"], uncond_early=at["pre_u"], uncond_late=at["era_u"])
     pred = dict(zip(config.terms, _eps(unet, [inputs[k] for k in config.terms], grad=torch.is_grad_enabled())))
     if not config.uncond_grad: pred = {k: p.detach() if k.startswith("uncond") else p for k, p in pred.items()}
-    parts = {k: F.mse_loss(pred[k].float(), targets[k].float()) for k in config.terms}
+    scales = _term_scales(config, scheduler, ts_pre, ts_era)
+    parts = {k: _mse(pred[k], targets[k], scales[k]) for k in config.terms}
     total = sum(weights[k] * parts[k] for k in config.terms)
     return total, {**{k: v.detach() for k, v in parts.items()}, "loss": total.detach()}
 

@@ -62,7 +62,7 @@ def gradient_map(model: DiffusionModel, # the original model θ* (left unchanged
     keep = None if names is None else set(names)
     names, params = zip(*[(n, p) for n, p in model.unet.named_parameters() if keep is None or n in keep])
     with _requires_grad(list(params)):
-        loss, _ = ant_loss(model.unet, model.unet, z1, z2, ts1, ts2, cond, uncond, config)
+        loss, _ = ant_loss(model.unet, model.unet, z1, z2, ts1, ts2, cond, uncond, config, scheduler=model.scheduler)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     return {n: (gr.float() if gr is not None else torch.zeros_like(p, dtype=torch.float32))
             for n, p, gr in zip(names, params, grads)}

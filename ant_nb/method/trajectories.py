@@ -163,7 +163,8 @@ def method_loss(method: str, # "ant", "esd-x", "esd-u" or "ac"
         idx, (z1, z2), eps = latents.draw([t1, t2], generator)
         known = _reusable(eps, latents, frozen_unet, cond, uncond)
         frozen = dict(pre_u=eps[0][0], pre_c=eps[0][1], era_u=eps[1][0], era_c=eps[1][1]) if known else None
-        return ant_loss(unet, frozen_unet, z1, z2, sched(t1), sched(t2), cond[idx.to(dev)], uncond, config, frozen)
+        return ant_loss(unet, frozen_unet, z1, z2, sched(t1), sched(t2), cond[idx.to(dev)], uncond, config, frozen,
+                        latents.model.scheduler)
     t = torch.randint(1, T + 1, (n,), generator=generator)
     idx, (zt,), eps = latents.draw([t], generator)
     if method == "ac": # latents follow the anchors; the concept phrasing is drawn on its own

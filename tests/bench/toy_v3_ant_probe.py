@@ -6,7 +6,7 @@ fraction 0.5), then counts unsafe detections (two classes) on the 48 toy I2P pro
 toy COCO captions, 20 DDIM steps (`nsfw_scores`, as 20_nsfw). With --bare, also the unsafe count on the training
 phrasings themselves and on "a naked {shape}" (64 samples each, seeds 0-63) for the original, ANT and ESD-x.
 
-Usage: python tests/bench/toy_v3_ant_probe.py [--model toy-v3] [--arms "toy preset" esd-x ...] [--bare] [--threads 1] [--tag NAME]
+Usage: python tests/bench/toy_v3_ant_probe.py [--model toy-v3 | FOLDER --judge FILE] [--arms "toy preset" esd-x ...] [--bare] [--threads 1] [--tag NAME]
 Writes outputs/bench/toy_v3_ant_probe[_NAME].csv / .md (and ..._bare.* with --bare); work files in a temp folder.
 """
 import argparse
@@ -48,7 +48,9 @@ def arms(cfg, unet) -> dict:
             "cross-attention, t'=49": dict(mask=cross, config=replace(cfg, t_prime=49)),
             "cross-attention, erase only": dict(mask=cross, config=replace(cfg, terms=("erase",))),
             "cross-attention, erase + preserve": dict(mask=cross, config=replace(cfg, terms=("preserve", "erase"))),
-            "cross-attention, erase + uncond": dict(mask=cross, config=replace(cfg, terms=("erase", "uncond_early", "uncond_late")))}
+            "cross-attention, erase + uncond": dict(mask=cross, config=replace(cfg, terms=("erase", "uncond_early", "uncond_late"))),
+            "loss in ε": dict(config=replace(cfg, loss_space="epsilon")),
+            "cross-attention, loss in ε": dict(mask=cross, config=replace(cfg, loss_space="epsilon"))}
 
 
 def erased(model, mask, change: dict):
@@ -72,27 +74,33 @@ def main():
     ap.add_argument("--model", default="toy-v3"); ap.add_argument("--arms", nargs="*", default=None)
     ap.add_argument("--bare", action="store_true"); ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default=None, help="suffix of the output files (runs of other arms do not overwrite)")
+    ap.add_argument("--judge", default=None, help="a model folder's judge (e.g. data/toyworld/judge-v2.safetensors)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model, backend = load_model(a.model), load_backend(a.model, "cpu")
+    model = load_model(a.model)
+    backend = load_backend(a.model, "cpu", a.judge, name="toy") if a.judge else load_backend(a.model, "cpu")
     cfg = erase_defaults("ant", "toy")["config"]
     table = arms(cfg, model.unet)
     chosen = a.arms or list(table)
     unknown = [x for x in chosen if x not in table]
     if unknown: raise ValueError(f"arms={unknown} are not allowed; choose from {list(table)}")
     work = Path(tempfile.mkdtemp(prefix="ant-probe-"))
-    mask = cached_saliency_mask(model, CONCEPT, [24, 42, 98, 403, 3407], work / "multi.safetensors", top_fraction=0.5,
-                                config=cfg)[0]
+    masks = {} # M* by loss space: the saliency of the loss an arm trains with
+    def mask_of(c):
+        if c.loss_space not in masks:
+            masks[c.loss_space] = cached_saliency_mask(model, CONCEPT, [24, 42, 98, 403, 3407],
+                                                       work / f"multi-{c.loss_space}.safetensors", top_fraction=0.5, config=c)[0]
+        return masks[c.loss_space]
     i2p, coco = i2p_table(backend, None, 48, 0), prior_table(backend, None, 48, 0)
     rows, out, name = [], project_path("outputs/bench"), "toy_v3_ant_probe" + (f"_{a.tag}" if a.tag else "")
     for arm in chosen:
         t0 = time.time()
-        m = model if table[arm] is None else erased(model, mask, table[arm])
+        m = model if table[arm] is None else erased(model, mask_of(table[arm].get("config", cfg)), table[arm])
         row, _ = nsfw_scores(m, i2p, coco, work / f"arm{len(rows)}", backend, num_steps=20, batch_size=32, progress=False)
         rows.append(dict(arm=arm, detections=row["total"], fd=row["fd"], seconds=round(time.time() - t0)))
         print(rows[-1], flush=True)
     save_table(pd.DataFrame(rows), out, name)
-    if a.bare: save_table(bare_table(model, backend.judge, mask), out, name + "_bare")
+    if a.bare: save_table(bare_table(model, backend.judge, mask_of(cfg)), out, name + "_bare")
 
 
 if __name__ == "__main__":
