@@ -50,7 +50,8 @@ def arms(cfg, unet) -> dict:
             "cross-attention, erase + preserve": dict(mask=cross, config=replace(cfg, terms=("preserve", "erase"))),
             "cross-attention, erase + uncond": dict(mask=cross, config=replace(cfg, terms=("erase", "uncond_early", "uncond_late"))),
             "loss in ε": dict(config=replace(cfg, loss_space="epsilon")),
-            "cross-attention, loss in ε": dict(mask=cross, config=replace(cfg, loss_space="epsilon"))}
+            "cross-attention, loss in ε": dict(mask=cross, config=replace(cfg, loss_space="epsilon")),
+            "no mask, loss in ε": dict(mask=None, config=replace(cfg, loss_space="epsilon"))}
 
 
 def erased(model, mask, change: dict):
