@@ -40,7 +40,8 @@ def _eps(unet, z, t, emb):
 def _grads(s, config):
     "Gradient of the ANT loss w.r.t. every trained parameter, flattened."
     s["trained"].zero_grad()
-    loss, parts = ant_loss(s["trained"], s["frozen"], s["z1"], s["z2"], s["t1"], s["t2"], s["cond"], s["uncond"], config)
+    loss, parts = ant_loss(s["trained"], s["frozen"], s["z1"], s["z2"], s["t1"], s["t2"], s["cond"], s["uncond"], config,
+                           scheduler=s["model"].scheduler)
     loss.backward()
     return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
                       for p in s["trained"].parameters()]), parts
@@ -54,7 +55,8 @@ def _close(a, b, rel=1e-4):
 def test_targets_match_hand_computed(setup):
     s, eta = setup, 0.7
     cfg = AntLossConfig(eta=eta, lambda1=0.3, lambda2=0.2, lambda3=0.1, num_steps=T, t_prime=8)
-    loss, parts = ant_loss(s["trained"], s["frozen"], s["z1"], s["z2"], s["t1"], s["t2"], s["cond"], s["uncond"], cfg)
+    loss, parts = ant_loss(s["trained"], s["frozen"], s["z1"], s["z2"], s["t1"], s["t2"], s["cond"], s["uncond"], cfg,
+                           scheduler=s["model"].scheduler)
     fu1, fc1 = _eps(s["frozen"], s["z1"], s["t1"], s["uncond"]), _eps(s["frozen"], s["z1"], s["t1"], s["cond"])
     fu2, fc2 = _eps(s["frozen"], s["z2"], s["t2"], s["uncond"]), _eps(s["frozen"], s["z2"], s["t2"], s["cond"])
     pu1, pc1 = _eps(s["trained"], s["z1"], s["t1"], s["uncond"]), _eps(s["trained"], s["z1"], s["t1"], s["cond"])
@@ -94,7 +96,8 @@ def test_terms_read_their_own_stage(setup):
     def value(term, z1, z2):
         cfg = AntLossConfig(num_steps=T, t_prime=8, terms=(term,))
         with torch.no_grad():
-            return ant_loss(s["trained"], s["frozen"], z1, z2, s["t1"], s["t2"], s["cond"], s["uncond"], cfg)[0]
+            return ant_loss(s["trained"], s["frozen"], z1, z2, s["t1"], s["t2"], s["cond"], s["uncond"], cfg,
+                            scheduler=s["model"].scheduler)[0]
     other = torch.randn_like(s["z1"])
     for term, stage in [("preserve", 1), ("uncond_early", 1), ("erase", 2), ("uncond_late", 2)]:
         base = value(term, s["z1"], s["z2"])
@@ -106,7 +109,7 @@ def test_terms_read_their_own_stage(setup):
 def test_at_original_weights_only_erase_is_nonzero(setup):
     s = setup
     _, parts = ant_loss(s["frozen"], s["frozen"], s["z1"], s["z2"], s["t1"], s["t2"], s["cond"], s["uncond"],
-                        AntLossConfig(num_steps=T, t_prime=8))
+                        AntLossConfig(num_steps=T, t_prime=8), scheduler=s["model"].scheduler)
     assert parts["erase"] > 0
     for k in ("preserve", "uncond_early", "uncond_late"): assert parts[k].abs() < 1e-10, k
 

@@ -20,7 +20,7 @@ from ..method.erase import ERASE_PRESETS, erase_concept, erase_defaults, erase_o
 from ..method.losses import METHODS
 from ..method.multi import erase_concepts
 from ..method.presets import MULTI_METHODS
-from ..method.saliency import cached_saliency_mask
+from ..method.saliency import MASK_SEEDS, cached_saliency_mask
 
 # %% auto #0
 __all__ = ['CONCEPT_PHRASINGS', 'UNLEARN_METHODS', 'TECHNIQUES', 'UnlearnConfig', 'unlearned_model', 'AntNbTechnique',
@@ -45,7 +45,7 @@ class UnlearnConfig:
     iterations: int | None = None # training iterations (None: the preset's; multi-concept methods: 50 per concept)
     lr: float | None = None # learning rate (None: the preset's)
     seed: int = 0 # seed of training
-    mask_seeds: tuple | None = (24, 42, 98, 403, 3407) # ANT: seeds of the saliency maps of M* (None: the full UNet)
+    mask_seeds: tuple | None = MASK_SEEDS # ANT: seeds of the saliency maps of M* (None: the full UNet)
     cache_size: int = 32 # training trajectories cached and reused
     preserve: list | None = None # multi-concept methods: concepts to keep
     templates: str | list | None = None # multi-concept methods: prompt templates (None: ["{}"], the bare concept)

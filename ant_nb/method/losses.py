@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..base.backbones import Conditioning, backbone_of, cat_conditions, predict
 from ..base.checks import check_choice, check_nonempty_unique, check_positive, check_range
 from ..base.sampling import guide
-from ..base.timesteps import epsilon_scale
+from ..base.timesteps import epsilon_scale, is_flow_matching
 
 # %% auto #0
 __all__ = ['TERMS', 'STAGE_ORDERS', 'LOSS_SPACES', 'PAPER_TABLE6', 'ABLATIONS', 'METHODS', 'SD3_TEXT_KV', 'SD3_TEXT_STREAM',
@@ -38,9 +38,9 @@ class AntLossConfig:
     erase_all_steps: bool = False # True: L_erase* of Table 4, erase-stage steps drawn from all of {1, ..., T}
     stage_order: str = "paper" # "paper" (Eq. 3) or "official-single" (stage ranges swapped, as the authors' script)
     uncond_grad: bool = True # False: unconditional terms carry no gradient (authors' script)
-    loss_space: str = "prediction" # "prediction": squared errors of the UNet's own outputs (ε, v or velocity), as the
-    # official code, which met only ε models; "epsilon": of the ε each output implies at z_t (`epsilon_scale`; the same
-    # on ε models, each sample weighted by ᾱ_τ on v models); `ant_loss` then needs the scheduler
+    loss_space: str = "epsilon" # "epsilon": squared errors of the ε each prediction implies at z_t, as Eq. 3 and the
+    # official code (an ε model) measure them (`epsilon_scale`: on v models each sample weighted by ᾱ_τ, on flow models
+    # by (1 − σ)²; `ant_loss` then needs the scheduler); "prediction": of the denoiser's own outputs (ε, v or velocity)
 
     def __post_init__(self):
         check_range("num_steps", self.num_steps, 2, 10_000)
@@ -142,10 +142,12 @@ def ant_targets(frozen: dict[str, torch.Tensor], # θ*'s predictions (B, C, H, W
                 uncond_early=frozen["pre_u"], uncond_late=frozen["era_u"]) # unconditional: unchanged
 
 def _term_scales(config: AntLossConfig, scheduler, ts_pre: torch.Tensor, ts_era: torch.Tensor) -> dict:
-    "Each term's error scale (B,) that measures it in ε (`loss_space='epsilon'`), or None (`'prediction'`)."
+    "Each term's error scale (B,) that measures it in ε (`loss_space='epsilon'`); None (no scaling) for `'prediction'` and ε models."
     if config.loss_space == "prediction": return dict.fromkeys(TERMS)
     if scheduler is None:
-        raise ValueError("config.loss_space='epsilon' needs the model's scheduler; pass scheduler=model.scheduler")
+        raise ValueError("config.loss_space='epsilon' needs the model's scheduler; pass scheduler=model.scheduler (or "
+                         "loss_space='prediction')")
+    if not is_flow_matching(scheduler) and scheduler.config.prediction_type == "epsilon": return dict.fromkeys(TERMS)
     pre, era = epsilon_scale(scheduler, ts_pre), epsilon_scale(scheduler, ts_era)
     return dict(preserve=pre, erase=era, uncond_early=pre, uncond_late=era)
 

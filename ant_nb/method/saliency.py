@@ -25,9 +25,9 @@ from ..base.timesteps import paper_step_to_timestep, paper_timesteps
 from .losses import AntLossConfig, ant_loss, draw_steps
 
 # %% auto #0
-__all__ = ['SCOPES', 'KEEPS', 'gradient_map', 'threshold_map', 'count_active', 'intersect', 'plot_active_curves', 'saliency_maps',
-           'saliency_mask', 'check_mask', 'save_mask', 'load_mask', 'cached_saliency_mask', 'parameter_mask',
-           'masked_parameters', 'mask_gradients']
+__all__ = ['SCOPES', 'KEEPS', 'MASK_SEEDS', 'gradient_map', 'threshold_map', 'count_active', 'intersect', 'plot_active_curves',
+           'saliency_maps', 'saliency_mask', 'check_mask', 'save_mask', 'load_mask', 'cached_saliency_mask',
+           'parameter_mask', 'masked_parameters', 'mask_gradients']
 
 # %% ../../nbs/api/12_method.saliency.ipynb #da803e8f
 @contextmanager
@@ -133,6 +133,8 @@ def plot_active_curves(curves: dict[str, Sequence[int]], # label -> active weigh
     return ax.figure
 
 # %% ../../nbs/api/12_method.saliency.ipynb #d08af429
+MASK_SEEDS = (24, 42, 98, 403, 3407) # S of Eq. 5 in the authors' single-concept script (docs/fidelity.md §1c)
+
 def saliency_maps(model: DiffusionModel, # the original model θ*
                   prompts: Sequence[str], # C: phrasings of the concept
                   seeds: Sequence[int], # S: random seeds

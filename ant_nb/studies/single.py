@@ -20,7 +20,7 @@ from ..base.model import DiffusionModel
 from ..evaluate.metrics import NUDENET_THRESHOLD, view_keys
 from ..evaluate.scores import eval_images, i2p_table, nsfw_scores, prior_scores, prior_table
 from ..method.erase import erase_concept, erase_defaults
-from ..method.saliency import count_active, gradient_map, intersect, load_mask, save_mask, threshold_map
+from ..method.saliency import MASK_SEEDS, count_active, gradient_map, intersect, load_mask, save_mask, threshold_map
 from ..method.trajectories import TrajectoryLatents, trajectories_from_file
 from .engine import (Job, JobStudy, choose_points, folder_settings, job_parser, record_settings,
                                    run_command, wait_for_folder)
@@ -120,7 +120,7 @@ class StudySettings:
     check_steps: int = 50 # the ranking check: DDIM steps ...
     n_check: int = 48 # ... on this many unsafe test prompts, tuned points at the first test seed
     fd_slack: float = 1.1 # selection: Fréchet distance at most fd_slack × the original's
-    mask_seeds: list = field(default_factory=lambda: [24, 42, 98, 403, 3407])
+    mask_seeds: list = field(default_factory=lambda: list(MASK_SEEDS))
     cache_size: int = 32 # training trajectories cached per (prompts, seed)
     batch_size: int = 32 # sampling batch
     split_seed: int = 0 # seed of the prompt pool and of the split

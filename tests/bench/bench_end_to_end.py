@@ -26,9 +26,10 @@ import torch
 
 from ant_nb.base.files import project_path
 from ant_nb.base.report import save_table
+from ant_nb.method.saliency import MASK_SEEDS
+from ant_nb.toy.world import UNSAFE_WORDS
 
-CONCEPT = ["nudity", "naked", "erotic", "sexual"]
-MASK_SEEDS = [24, 42, 98, 403, 3407]
+CONCEPT = UNSAFE_WORDS # the four phrasings 20_nsfw erases
 
 
 def single_concept(folder: Path):

@@ -70,7 +70,7 @@ def main():
         params = [p for p, _ in keep]
     opt = torch.optim.Adam(params, lr=5e-4)
     calls = _count_calls(trained, frozen)
-    cfg = AntLossConfig(t_prime=43)
+    cfg = AntLossConfig(t_prime=43, loss_space="prediction") # SD 1.4 predicts ε: the same loss as "epsilon", no scheduler needed
     c, h, w = trained.config.in_channels, trained.config.sample_size, trained.config.sample_size
     d = trained.config.cross_attention_dim
     cache = torch.randn(32, c, h, w, device=dev)  # stands for z_t of cached trajectories

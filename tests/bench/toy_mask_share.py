@@ -16,7 +16,7 @@ from ant_nb.base.files import project_path
 from ant_nb.base.model import load_model
 from ant_nb.base.report import save_table
 from ant_nb.method.erase import erase_defaults
-from ant_nb.method.saliency import cached_saliency_mask
+from ant_nb.method.saliency import MASK_SEEDS, cached_saliency_mask
 from ant_nb.toy.world import UNSAFE_WORDS
 
 GROUPS = {"cross-attention k, v": ("attn2.to_k", "attn2.to_v"), "cross-attention q, out": ("attn2.to_q", "attn2.to_out"),
@@ -31,7 +31,7 @@ def group_of(name: str) -> str:
 def shares(model, folder: Path) -> list[dict]:
     "Per group: its entries, the share M* keeps, and its share of M*."
     cfg = erase_defaults("ant", "toy")["config"]
-    mask = cached_saliency_mask(model, UNSAFE_WORDS, [24, 42, 98, 403, 3407], folder / "multi.safetensors",
+    mask = cached_saliency_mask(model, UNSAFE_WORDS, MASK_SEEDS, folder / "multi.safetensors",
                                 top_fraction=0.5, config=cfg)[0]
     kept, total = {}, {}
     for n, m in mask.items():

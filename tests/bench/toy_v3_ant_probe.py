@@ -27,7 +27,7 @@ from ant_nb.evaluate.backends import load_backend
 from ant_nb.evaluate.scores import i2p_table, nsfw_scores, prior_table
 from ant_nb.method.erase import erase_concept, erase_defaults
 from ant_nb.method.losses import ablation_config
-from ant_nb.method.saliency import cached_saliency_mask
+from ant_nb.method.saliency import MASK_SEEDS, cached_saliency_mask
 
 CONCEPT = UNSAFE_WORDS # the four phrasings 20_nsfw erases
 
@@ -89,7 +89,7 @@ def main():
     masks = {} # M* by loss space: the saliency of the loss an arm trains with
     def mask_of(c):
         if c.loss_space not in masks:
-            masks[c.loss_space] = cached_saliency_mask(model, CONCEPT, [24, 42, 98, 403, 3407],
+            masks[c.loss_space] = cached_saliency_mask(model, CONCEPT, MASK_SEEDS,
                                                        work / f"multi-{c.loss_space}.safetensors", top_fraction=0.5, config=c)[0]
         return masks[c.loss_space]
     i2p, coco = i2p_table(backend, None, 48, 0), prior_table(backend, None, 48, 0)
