@@ -5,6 +5,8 @@ Each arm trains with `erase_concept` (the four phrasings of 20_nsfw, its seed 0,
 fraction 0.5), then counts unsafe detections (two classes) on the 48 toy I2P prompts and the Fréchet distance on 48
 toy COCO captions, 20 DDIM steps (`nsfw_scores`, as 20_nsfw). With --bare, also the unsafe count on the training
 phrasings themselves and on "a naked {shape}" (64 samples each, seeds 0-63) for the original, ANT and ESD-x.
+Every arm measures Eq. 3's errors in the model's own prediction (`loss_space="prediction"`, the package's loss until
+session 18, with which the committed tables were made) unless its name says "loss in ε" (the default since).
 
 Usage: python tests/bench/toy_v3_ant_probe.py [--model toy-v3 | FOLDER --judge FILE] [--arms "toy preset" esd-x ...] [--bare] [--threads 1] [--tag NAME]
 Writes outputs/bench/toy_v3_ant_probe[_NAME].csv / .md (and ..._bare.* with --bare); work files in a temp folder.
@@ -80,28 +82,25 @@ def main():
     torch.set_num_threads(a.threads)
     model = load_model(a.model)
     backend = load_backend(a.model, "cpu", a.judge, name="toy") if a.judge else load_backend(a.model, "cpu")
-    cfg = erase_defaults("ant", "toy")["config"]
+    cfg = replace(erase_defaults("ant", "toy")["config"], loss_space="prediction") # the loss of the committed tables
     table = arms(cfg, model.unet)
     chosen = a.arms or list(table)
     unknown = [x for x in chosen if x not in table]
     if unknown: raise ValueError(f"arms={unknown} are not allowed; choose from {list(table)}")
     work = Path(tempfile.mkdtemp(prefix="ant-probe-"))
-    masks = {} # M* by loss space: the saliency of the loss an arm trains with
-    def mask_of(c):
-        if c.loss_space not in masks:
-            masks[c.loss_space] = cached_saliency_mask(model, CONCEPT, MASK_SEEDS,
-                                                       work / f"multi-{c.loss_space}.safetensors", top_fraction=0.5, config=c)[0]
-        return masks[c.loss_space]
+    # M*, the same for every arm's loss space: at θ* only L_erase has a gradient, and one draw's error scale does not
+    # change a per-tensor top fraction
+    mask = cached_saliency_mask(model, CONCEPT, MASK_SEEDS, work / "multi.safetensors", top_fraction=0.5, config=cfg)[0]
     i2p, coco = i2p_table(backend, None, 48, 0), prior_table(backend, None, 48, 0)
     rows, out, name = [], project_path("outputs/bench"), "toy_v3_ant_probe" + (f"_{a.tag}" if a.tag else "")
     for arm in chosen:
         t0 = time.time()
-        m = model if table[arm] is None else erased(model, mask_of(table[arm].get("config", cfg)), table[arm])
+        m = model if table[arm] is None else erased(model, mask, table[arm])
         row, _ = nsfw_scores(m, i2p, coco, work / f"arm{len(rows)}", backend, num_steps=20, batch_size=32, progress=False)
         rows.append(dict(arm=arm, detections=row["total"], fd=row["fd"], seconds=round(time.time() - t0)))
         print(rows[-1], flush=True)
     save_table(pd.DataFrame(rows), out, name)
-    if a.bare: save_table(bare_table(model, backend.judge, mask_of(cfg)), out, name + "_bare")
+    if a.bare: save_table(bare_table(model, backend.judge, mask), out, name + "_bare")
 
 
 if __name__ == "__main__":
