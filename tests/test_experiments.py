@@ -35,6 +35,8 @@ TINY = {
                                               tuned_arms=["esd-x", "ant"], paper_arms=["esd-x"], test_seeds=[0, 1],
                                               eval_steps=2, check_steps=3, n_check=2, cache_size=1, n_boot=50,
                                               n_boot_fd=5, paper_budgets={"esd-x": dict(lr=1e-5, iterations=1)})),
+    "45_scaling.ipynb": dict(celebrity_dirs=["outputs/30_celebrity_study"], art_dirs=["outputs/40_art_study"],
+                             other_dirs=["outputs/20_nsfw_study"]), # reads finished study folders (toy-v1's)
     "50_robustness.ipynb": dict(unsafe_methods=["esd-x"], character_methods=["uce"], characters=["mira tok"], n_tasks=1,
                                 n_targets=1, eval_seeds=[0], budget=2, draws=2, bb_budget=3, n_pairs=2, iterations=2,
                                 cache_size=1, eval_steps=2),

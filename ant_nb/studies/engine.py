@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -139,28 +139,45 @@ def job_parser(prog: str, # the command's name in --help
                description: str, # what the command does
                out_example: str, # a study folder, shown in --out's help
               ) -> argparse.ArgumentParser:
-    "The command line of a study's job runner: --out, --model, --device, --threads."
+    "The command line of a study's job runner: --out, --model, --device, --threads, --settings, --tables."
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--out", required=True, help=f"the study folder (e.g. {out_example})")
     p.add_argument("--model", default="toy", help="model id for ant_nb.base.model.load_model (default: toy)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process (default 1)")
+    p.add_argument("--settings", type=json.loads, default=None, help="a JSON object of study settings to change from "
+                   "the defaults, for a new folder (an existing folder's must agree with them)")
+    p.add_argument("--tables", action="store_true", help="once the study is complete, write its tables and figure")
     return p
 
 def folder_settings(out: str | Path, # a study folder
                     cls, # the settings dataclass
                     default, # the settings of a new folder
+                    changes: dict | None = None, # fields of `cls` to change from `default`
                    ):
-    "The settings of the study in `out` (its `settings.json`), or `default` for a new folder."
+    """The settings of the study in `out` (its `settings.json`), or `default` with `changes` for a new folder; for an
+    existing folder `changes` must agree with its settings (`ValueError` naming the fields that differ)."""
+    changes, allowed = dict(changes or {}), sorted(cls.__dataclass_fields__)
+    unknown = sorted(set(changes) - set(allowed))
+    if unknown: raise ValueError(f"settings has unknown fields {unknown}; allowed: {allowed}")
     f = Path(out) / "settings.json"
-    return cls(**json.loads(f.read_text())) if f.is_file() else default
+    if not f.is_file(): return replace(default, **changes)
+    there = cls(**json.loads(f.read_text()))
+    if changes: check_same(asdict(there), json.loads(json.dumps(asdict(replace(there, **changes)))), "out", out)
+    return there
 
 def run_command(a: argparse.Namespace, # parsed `job_parser()` arguments
                 make_study, # (model, backend, out, settings) -> a `JobStudy`
-                settings) -> int:
+                settings,
+                write_tables=None, # `JobStudy` -> tables: called after the study is complete when `a.tables`
+               ) -> int:
     "Run a study's jobs in this process (`a.threads` torch threads, the model `a.model` on `a.device`) until it is complete."
     torch.set_num_threads(check_int("threads", a.threads, 1))
     model = load_model(a.model, device=a.device)
-    n = make_study(model, load_backend(model), a.out, settings).run()
+    study = make_study(model, load_backend(model), a.out, settings)
+    n = study.run()
     print(f"this process ran {n} jobs; the study in {a.out} is complete")
+    if a.tables and write_tables is not None:
+        write_tables(study)
+        print(f"tables written in {a.out}")
     return n

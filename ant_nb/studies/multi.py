@@ -24,6 +24,7 @@ from ..method.presets import KINDS, MULTI_METHODS
 from .engine import (Job, JobStudy, choose_points, folder_settings, job_parser, record_settings,
                                    run_command)
 from .presets import PRESETS, erase_kwargs, experiment_settings
+from .report import write_study_tables
 from .splits import REAL_TEMPLATES, leak_free, leak_table, study_splits, toy_templates, training_templates
 from .stats import boot_indices, group_boot
 
@@ -350,15 +351,16 @@ def extra_tables(self: MultiStudy) -> dict[str, pd.DataFrame]: return dict(leaks
 
 # %% ../../nbs/api/36_studies.multi.ipynb #5cc47634
 def main(argv: list[str] | None = None):
-    "Command line: run the study's jobs with the folder's settings (a new folder: the defaults of `--kind`)."
+    "Command line: run the study's jobs with the folder's settings (a new folder: the defaults of `--kind`, `--settings` changed)."
     p = job_parser("ant-nb-multistudy", "Run a Table 2 / Table 3 study's jobs in this process.", "outputs/30_celebrity_study")
     p.add_argument("--kind", required=True, choices=KINDS, help="celebrity (Table 2) or art (Table 3)")
     p.add_argument("--allow-leaks", action="store_true", help="a new folder: run with prompts that give a name its "
                    "training states, reported (toy-v1 names characters only after 'a portrait of')")
     a = p.parse_args(argv)
-    settings = folder_settings(a.out, MultiStudySettings, MultiStudySettings.for_kind(a.kind, allow_leaks=a.allow_leaks))
+    settings = folder_settings(a.out, MultiStudySettings, MultiStudySettings.for_kind(a.kind, allow_leaks=a.allow_leaks),
+                               a.settings)
     if settings.kind != a.kind: raise ValueError(f"--kind {a.kind}: the study in {a.out} is of kind {settings.kind!r}")
-    run_command(a, MultiStudy, settings)
+    run_command(a, MultiStudy, settings.check(), write_study_tables)
 
 # %% ../../nbs/api/36_studies.multi.ipynb #b88022d5
 #| eval: false

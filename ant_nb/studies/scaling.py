@@ -15,7 +15,7 @@ from .multi import METRICS
 from .presets import lookalikes
 
 # %% auto #0
-__all__ = ['job_records', 'study_cost', 'study_size', 'scaling_table', 'scaling_figure']
+__all__ = ['job_records', 'study_cost', 'study_summary', 'study_size', 'scaling_table', 'scaling_figure']
 
 # %% ../../nbs/api/37b_studies.scaling.ipynb #9a7460e1
 def job_records(folder: str | Path, # a study folder (`ant_nb.studies.single` or `.multi`)
@@ -27,13 +27,36 @@ def job_records(folder: str | Path, # a study folder (`ant_nb.studies.single` or
 
 def study_cost(folder: str | Path, # a study folder
               ) -> pd.DataFrame:
-    "Jobs, seconds, core-hours and share of the total per split and method, and the study's total (last row)."
+    """Jobs, seconds, core-hours and share of the total per split and method, and the study's total (last row);
+    `scoring`: the seconds the original model's job on the same split took (its images and scores, no erasure) per job,
+    so `seconds - scoring` is the erasure's (NaN where the split has no original job)."""
     df = pd.DataFrame([dict(split=r["split"], method=r["job"]["arm"], seconds=float(r["seconds"])) for r in job_records(folder)])
-    by = df.groupby(["split", "method"], sort=True).seconds.agg(["size", "sum"]).reset_index()
-    by.columns = ["split", "method", "jobs", "seconds"]
-    total = pd.DataFrame([dict(split="all", method="all", jobs=len(df), seconds=df.seconds.sum())])
+    original = df[df.method == "original"].groupby("split").seconds.mean()
+    df["scoring"] = df.split.map(original).clip(upper=df.seconds)
+    by = df.groupby(["split", "method"], sort=True).agg(jobs=("seconds", "size"), seconds=("seconds", "sum"),
+                                                        scoring=("scoring", lambda s: s.sum(min_count=1))).reset_index()
+    total = pd.DataFrame([dict(split="all", method="all", jobs=len(df), seconds=df.seconds.sum(), scoring=df.scoring.sum())])
     out = pd.concat([by, total], ignore_index=True)
-    return out.assign(hours=(out.seconds / 3600).round(3), share=(out.seconds / df.seconds.sum()).round(3))
+    return out.assign(hours=(out.seconds / 3600).round(3), share=(out.seconds / df.seconds.sum()).round(3),
+                      scoring_share=(out.scoring / out.seconds).round(3))
+
+# %% ../../nbs/api/37b_studies.scaling.ipynb #05ebc51e
+def study_summary(folders: list[str | Path], # study folders (`ant_nb.studies.single` or `.multi`), each with its settings.json
+                 ) -> pd.DataFrame:
+    """Per study: its kind ("nsfw" for the Table 1 study), finished jobs, whether its tables are written (`test.csv`: the
+    study completed), core-hours in all and per split, and the share of the time spent scoring (`study_cost`)."""
+    rows = []
+    for f in map(Path, folders):
+        if not (f / "settings.json").is_file(): raise FileNotFoundError(f"{str(f)!r} is not a study folder (no settings.json)")
+        row = dict(study=str(f), kind=json.loads((f / "settings.json").read_text()).get("kind", "nsfw"),
+                   complete=(f / "test.csv").is_file(), jobs=0, hours=0.0)
+        if list(f.glob("runs/*/*/scores.json")):
+            cost = study_cost(f)
+            total = cost.iloc[-1]
+            row |= dict(jobs=int(total.jobs), hours=round(total.seconds / 3600, 2), scoring_share=total.scoring_share,
+                        **{f"{k}_hours": round(v / 3600, 2) for k, v in cost[cost.split != "all"].groupby("split").seconds.sum().items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 # %% ../../nbs/api/37b_studies.scaling.ipynb #4bf17ce1
 def _lookalike_rate(per_prompt: pd.DataFrame) -> float:
@@ -66,7 +89,7 @@ def scaling_table(folders: list[str | Path], # study folders of one kind, one si
     if len(kinds) != 1: raise ValueError(f"folders mix kinds {kinds}; give the studies of one kind")
     parts, h = [], METRICS[kinds[0]][2]
     for f, kind, n, looks in sizes:
-        test = pd.read_csv(f / "test.csv")[["protocol", "method", f"{h}_mean", f"{h}_low", f"{h}_high"]]
+        test = pd.read_csv(f / "test.csv")[["protocol", "arm", f"{h}_mean", f"{h}_low", f"{h}_high"]] # `test_table`'s
         test.columns = ["protocol", "method", "h", "h_low", "h_high"]
         parts.append(test.merge(looks, on=["protocol", "method"], how="left").assign(kind=kind, metric=h, n_erased=n))
     out = pd.concat(parts, ignore_index=True)
@@ -77,14 +100,20 @@ def scaling_table(folders: list[str | Path], # study folders of one kind, one si
 def scaling_figure(table: pd.DataFrame, # `scaling_table(...)`
                    protocols: tuple[str, ...] = ("tuned",), # which protocols to draw (solid, dashed, dotted)
                   ) -> plt.Figure:
-    "The harmonic metric against the number of erased concepts (log axis), one line per method, 95 % intervals as bars."
-    styles = dict(zip(protocols, ["-", "--", ":"]))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for (protocol, method), g in table[table.protocol.isin(protocols)].groupby(["protocol", "method"], sort=False):
-        g = g.sort_values("n_erased")
-        ax.errorbar(g.n_erased, g.h, yerr=[g.h - g.h_low, g.h_high - g.h], ls=styles[protocol], marker="o", capsize=3,
-                    label=method if len(protocols) == 1 else f"{protocol} {method}")
-    ax.set_xscale("log"); ax.set_xticks(sorted(table.n_erased.unique()), [str(n) for n in sorted(table.n_erased.unique())])
-    ax.set_xlabel("erased concepts"); ax.set_ylabel(table.metric.iloc[0]); ax.legend(fontsize=8)
+    """Left: the harmonic metric against the number of erased concepts (log axis), one line per method, 95 % intervals
+    as bars; right (where any size has look-alikes): the look-alikes' mean value, the kept concepts nearest the erased."""
+    styles, sizes = dict(zip(protocols, [("-", "o"), ("--", "s"), (":", "^")])), sorted(table.n_erased.unique())
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(table.method.str.partition("@")[0]))} # a method's colour
+    panels = [("h", table.metric.iloc[0])] + ([("lookalikes", "look-alikes kept")] if table.lookalikes.notna().any() else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (column, label) in zip(axes[0], panels):
+        for (protocol, method), g in table[table.protocol.isin(protocols)].groupby(["protocol", "method"], sort=False):
+            g = g.sort_values("n_erased")
+            bars = [g.h - g.h_low, g.h_high - g.h] if column == "h" else None
+            ax.errorbar(g.n_erased, g[column], yerr=bars, ls=styles[protocol][0], marker=styles[protocol][1], capsize=3,
+                        color=colours[method.partition("@")[0]], label=method if len(protocols) == 1 else f"{protocol} {method}")
+        ax.set_xscale("log"); ax.set_xticks(sizes, [str(n) for n in sizes]); ax.minorticks_off()
+        ax.set_xlabel("erased concepts"); ax.set_ylabel(label)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig

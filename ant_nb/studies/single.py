@@ -24,7 +24,7 @@ from ..method.saliency import MASK_SEEDS, count_active, gradient_map, intersect,
 from ..method.trajectories import TrajectoryLatents, trajectories_from_file
 from .engine import (Job, JobStudy, choose_points, folder_settings, job_parser, record_settings,
                                    run_command, wait_for_folder)
-from .report import configs
+from .report import configs, write_study_tables
 from .stats import boot_indices, mean_sd, prompt_total, split_prompts
 from ..toy.world import UNSAFE_WORDS
 
@@ -298,9 +298,9 @@ def extra_tables(self: Study) -> dict[str, pd.DataFrame]:
 
 # %% ../../nbs/api/34_studies.single.ipynb #9086f9cd
 def main(argv: list[str] | None = None):
-    "Command line: run the Table 1 study's jobs with the folder's settings (a new folder: the defaults)."
+    "Command line: run the Table 1 study's jobs with the folder's settings (a new folder: the defaults, `--settings` changed)."
     a = job_parser("ant-nb-study", "Run the Table 1 study's jobs in this process.", "outputs/20_nsfw_study").parse_args(argv)
-    run_command(a, Study, folder_settings(a.out, StudySettings, StudySettings()))
+    run_command(a, Study, folder_settings(a.out, StudySettings, StudySettings(), a.settings).check(), write_study_tables)
 
 # %% ../../nbs/api/34_studies.single.ipynb #960bf1e4
 #| eval: false
