@@ -40,7 +40,7 @@ def study_cost(folder: str | Path, # a study folder
     return out.assign(hours=(out.seconds / 3600).round(3), share=(out.seconds / df.seconds.sum()).round(3),
                       scoring_share=(out.scoring / out.seconds).round(3))
 
-# %% ../../nbs/api/37b_studies.scaling.ipynb #05ebc51e
+# %% ../../nbs/api/37b_studies.scaling.ipynb #91cc6182
 def study_summary(folders: list[str | Path], # study folders (`ant_nb.studies.single` or `.multi`), each with its settings.json
                  ) -> pd.DataFrame:
     """Per study: its kind ("nsfw" for the Table 1 study), finished jobs, whether its tables are written (`test.csv`: the
