@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -307,13 +308,16 @@ def outcomes(self: MultiStudy, images: np.ndarray, table: pd.DataFrame) -> np.nd
 
 @patch
 def execute(self: MultiStudy, protocol: str, job: Job, gram) -> tuple[dict, pd.DataFrame]:
-    "Erase (unless the original) and score one job: the kind's metrics, and on the test split the benign captions'."
+    """Erase (unless the original) and score one job: the kind's metrics, on the test split the benign captions', and
+    `erase_seconds` (the erasure's share of the job's seconds; the rest is sampling and judging)."""
+    t0 = time.time()
     model = self.model if job.arm == "original" else self.erased(job, gram)
+    erase_seconds = round(time.time() - t0, 1)
     gen = dict(guidance_scale=self.x["guidance_scale"], num_steps=self.eval_steps(job.split),
                batch_size=self.x["batch_size"], progress=False)
     table, images = self.tables[job.split], self.out / "images" / job.slug
     value = self.outcomes(eval_images(model, table, images / "concepts", **gen), table)
-    row = {k: float(f(value)) for k, f in self.stats[job.split].items()}
+    row = {k: float(f(value)) for k, f in self.stats[job.split].items()} | dict(erase_seconds=erase_seconds)
     if job.split == "test":
         row |= prior_scores(eval_images(model, self.captions, images / "captions", **gen), self.captions, self.backend,
                             self.fd_boot)

@@ -5,6 +5,7 @@
 # %% ../../nbs/api/34_studies.single.ipynb #00495688
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,19 +229,19 @@ def trajectories(self: Study, method: str, seed: int) -> TrajectoryLatents:
 
 @patch
 def execute(self: Study, protocol: str, job: Job, masks: dict) -> tuple[dict, pd.DataFrame]:
-    "Train (unless the original) and score one job."
-    model = self.model
+    "Train (unless the original) and score one job; `erase_seconds`: the training's share of the job's seconds."
+    model, t0 = self.model, time.time()
     if job.arm != "original":
         method, mask = ARMS[job.arm]
         model = erase_concept(self.model, self.s.concept, method, mask=None if mask is None else masks[mask],
                               iterations=job.steps, lr=job.settings["lr"], seed=job.seed, config=self.config,
                               preset=self.s.preset, cache_size=self.s.cache_size,
                               trajectories=self.trajectories(method, job.seed), progress=False)
-    images, i2p = self.out / "images" / job.slug, self.i2p[job.split]
+    images, i2p, t1 = self.out / "images" / job.slug, self.i2p[job.split], time.time()
     gen = dict(num_steps=self.eval_steps(job.split), batch_size=self.s.batch_size, progress=False)
     views = {} # the field's conventions (`NudityView`): their headline numbers go into the job's scores
     row, per_prompt = nsfw_scores(model, i2p, None, images, self.backend, NUDENET_THRESHOLD, views_out=views, **gen)
-    row |= {k: views[k] for k in view_keys(self.backend.views)}
+    row |= {k: views[k] for k in view_keys(self.backend.views)} | dict(erase_seconds=round(t1 - t0, 1))
     if job.split != "check":
         caps = self.captions[job.split]
         boot = self.fd_boot if job.split == "test" else None
