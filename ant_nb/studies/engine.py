@@ -75,8 +75,9 @@ class JobStudy:
     def jobs(self) -> list[tuple[str, Job]]: raise NotImplementedError # (protocol, job) pairs whose inputs exist
     def complete(self) -> bool: return self.choices() is not None # whether `jobs()` lists the whole study
     def choices(self) -> pd.DataFrame | None: raise NotImplementedError # the chosen points, once the sweep is scored
-    def prepare(self): return None # what every job of this process needs, computed once (passed to `execute`)
-    def execute(self, protocol: str, job: Job, shared) -> tuple[dict, pd.DataFrame]: raise NotImplementedError
+    def prepare(self): return None # what every job of this process needs, computed once
+    def erase_job(self, protocol: str, job: Job, shared): raise NotImplementedError # the job's model (the original's: itself)
+    def score_job(self, protocol: str, job: Job, model, shared) -> tuple[dict, pd.DataFrame]: raise NotImplementedError # (scores, per-prompt)
     def details(self, job: Job, shared) -> dict: return {} # extra fields of the job's record
 
     def scores(self, job: Job) -> dict | None:
@@ -91,15 +92,19 @@ class JobStudy:
     def run_job(self, protocol: str, job: Job, shared, # `self.prepare()`
                 announce=None, # called once the job is known to run here (a progress line)
                ) -> dict:
-        "Run one job unless finished; its folder is locked meanwhile (`FolderBusy` if another process holds it)."
+        """Run one job unless finished; its folder is locked meanwhile (`FolderBusy` if another process holds it). Its
+        record holds `seconds` (wall seconds of the whole job) and `erase_seconds` (of those, the erasure's; the rest is
+        sampling and judging)."""
         with folder_lock(self.out / "runs" / job.slug) as folder:
             if self.scores(job) is None:
                 if announce: announce()
                 t0 = time.time()
-                row, per_prompt = self.execute(protocol, job, shared)
+                model = self.erase_job(protocol, job, shared)
+                t1 = time.time()
+                row, per_prompt = self.score_job(protocol, job, model, shared)
                 per_prompt.to_csv(folder / "per_prompt.csv", index=False)
                 record = dict(job=asdict(job), protocol=protocol, **row, seconds=round(time.time() - t0, 1),
-                              **self.details(job, shared))
+                              erase_seconds=round(t1 - t0, 1), **self.details(job, shared))
                 atomic_write_text(folder / "scores.json", json.dumps(record, indent=1))
             return self.scores(job)
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -287,9 +286,11 @@ def jobs(self: MultiStudy) -> list[tuple[str, Job]]:
 
 # %% ../../nbs/api/36_studies.multi.ipynb #7d9f8c85
 @patch
-def erased(self: MultiStudy, job: Job, gram) -> DiffusionModel:
+def erase_job(self: MultiStudy, protocol: str, job: Job, gram) -> DiffusionModel:
     """The model erased by `job`'s method at its setting, steps and seed (its run folder: models/<job>; a check job's is
-    its test job's). An `@official` arm runs the `"official"` preset; UCE's keeps no names, as UCE's code."""
+    its test job's), or the original model for the original's jobs. An `@official` arm runs the `"official"` preset;
+    UCE's keeps no names, as UCE's code."""
+    if job.arm == "original": return self.model
     method, _, recipe = job.arm.partition("@")
     folder = self.out / "models" / (replace(job, split="test") if job.split == "check" else job).slug
     official = recipe == "official"
@@ -307,17 +308,13 @@ def outcomes(self: MultiStudy, images: np.ndarray, table: pd.DataFrame) -> np.nd
     return np.array([p == c for p, c in zip(self.backend.identify(images, names), table.concept)], float)
 
 @patch
-def execute(self: MultiStudy, protocol: str, job: Job, gram) -> tuple[dict, pd.DataFrame]:
-    """Erase (unless the original) and score one job: the kind's metrics, on the test split the benign captions', and
-    `erase_seconds` (the erasure's share of the job's seconds; the rest is sampling and judging)."""
-    t0 = time.time()
-    model = self.model if job.arm == "original" else self.erased(job, gram)
-    erase_seconds = round(time.time() - t0, 1)
+def score_job(self: MultiStudy, protocol: str, job: Job, model: DiffusionModel, gram) -> tuple[dict, pd.DataFrame]:
+    "Score one job's model: the kind's metrics on its split's prompts, and on the test split the benign captions'."
     gen = dict(guidance_scale=self.x["guidance_scale"], num_steps=self.eval_steps(job.split),
                batch_size=self.x["batch_size"], progress=False)
     table, images = self.tables[job.split], self.out / "images" / job.slug
     value = self.outcomes(eval_images(model, table, images / "concepts", **gen), table)
-    row = {k: float(f(value)) for k, f in self.stats[job.split].items()} | dict(erase_seconds=erase_seconds)
+    row = {k: float(f(value)) for k, f in self.stats[job.split].items()}
     if job.split == "test":
         row |= prior_scores(eval_images(model, self.captions, images / "captions", **gen), self.captions, self.backend,
                             self.fd_boot)

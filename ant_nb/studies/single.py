@@ -5,7 +5,6 @@
 # %% ../../nbs/api/34_studies.single.ipynb #00495688
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,20 +227,23 @@ def trajectories(self: Study, method: str, seed: int) -> TrajectoryLatents:
                                   num_steps=self.config.num_steps, seed=seed, progress=False)
 
 @patch
-def execute(self: Study, protocol: str, job: Job, masks: dict) -> tuple[dict, pd.DataFrame]:
-    "Train (unless the original) and score one job; `erase_seconds`: the training's share of the job's seconds."
-    model, t0 = self.model, time.time()
-    if job.arm != "original":
-        method, mask = ARMS[job.arm]
-        model = erase_concept(self.model, self.s.concept, method, mask=None if mask is None else masks[mask],
-                              iterations=job.steps, lr=job.settings["lr"], seed=job.seed, config=self.config,
-                              preset=self.s.preset, cache_size=self.s.cache_size,
-                              trajectories=self.trajectories(method, job.seed), progress=False)
-    images, i2p, t1 = self.out / "images" / job.slug, self.i2p[job.split], time.time()
+def erase_job(self: Study, protocol: str, job: Job, masks: dict) -> DiffusionModel:
+    "The model `job` trains (its arm's method and mask at its lr, steps and seed), or the original for the original's jobs."
+    if job.arm == "original": return self.model
+    method, mask = ARMS[job.arm]
+    return erase_concept(self.model, self.s.concept, method, mask=None if mask is None else masks[mask],
+                         iterations=job.steps, lr=job.settings["lr"], seed=job.seed, config=self.config,
+                         preset=self.s.preset, cache_size=self.s.cache_size,
+                         trajectories=self.trajectories(method, job.seed), progress=False)
+
+@patch
+def score_job(self: Study, protocol: str, job: Job, model: DiffusionModel, masks: dict) -> tuple[dict, pd.DataFrame]:
+    "Score one job's model: the I2P split's nudity scores and views, and (but on the check split) the captions'."
+    images, i2p = self.out / "images" / job.slug, self.i2p[job.split]
     gen = dict(num_steps=self.eval_steps(job.split), batch_size=self.s.batch_size, progress=False)
     views = {} # the field's conventions (`NudityView`): their headline numbers go into the job's scores
     row, per_prompt = nsfw_scores(model, i2p, None, images, self.backend, NUDENET_THRESHOLD, views_out=views, **gen)
-    row |= {k: views[k] for k in view_keys(self.backend.views)} | dict(erase_seconds=round(t1 - t0, 1))
+    row |= {k: views[k] for k in view_keys(self.backend.views)}
     if job.split != "check":
         caps = self.captions[job.split]
         boot = self.fd_boot if job.split == "test" else None
