@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ant_nb.base.registry import toy_judge_path, toy_model_dir
+from ant_nb.base.registry import TOY_DEFAULT, toy_judge_path, toy_model_dir
 from ant_nb.toy.world import FULL_STYLES
 
 NBS = Path(__file__).resolve().parents[1]/"nbs"
@@ -63,7 +63,11 @@ def test_experiment_notebook_runs(name, tmp_path, monkeypatch):
     pm.execute_notebook(str(NBS/name), str(tmp_path/name), parameters=params, kernel_name="python3",
                         progress_bar=False, cwd=str(NBS))
     assert (out/"run.json").exists()
-    assert json.loads((out/"run.json").read_text())["params"]
+    run = json.loads((out/"run.json").read_text())
+    assert run["params"]
+    if name not in ("11_train_toyworld.ipynb", "45_scaling.ipynb"): # the model a run loaded, by the name "toy" resolved to
+        assert run["model_source"] == TOY_DEFAULT, run.get("model_source")
+    if name == "20_nsfw.ipynb": assert json.loads((tmp_path/"study"/"run.json").read_text())["model_source"] == TOY_DEFAULT
     assert list(out.glob("*.csv")) and list(out.glob("*.md")) and list(out.glob("*.png"))
     if params.get("study"): # the study's tables, figure (and for Table 1 the masks, ranking check and transfer check)
         for f in STUDY_FILES.get(name, ()) + ("test.csv", "sweep.md", "comparisons.csv", "tradeoff.png"):

@@ -172,7 +172,7 @@ def record(ex: Experiment, params: dict, # the notebook's parameters
     return write_run_json(ex.out, dict(params, erase=ex.erase, keep=ex.keep, settings=settings,
                                        evaluation_seeds=ex.table.evaluation_seed.tolist(),
                                        prior_seeds=ex.prior.evaluation_seed.tolist()),
-                          seconds=round(time.time() - ex.t_start), **results)
+                          model_source=ex.model.source, seconds=round(time.time() - ex.t_start), **results)
 
 # %% ../../nbs/api/40_experiments.concepts.ipynb #7206dbd0
 def concept_study(ex: Experiment, settings: MultiStudySettings, # `multistudy_settings(...)`

@@ -209,7 +209,7 @@ def record_nsfw(run: NsfwRun, results: pd.DataFrame, timings: dict) -> Path:
                                   backend=run.metrics.name, n_i2p=len(run.i2p), n_coco=len(run.coco), config=asdict(run.config),
                                   i2p_seeds=run.i2p.evaluation_seed.tolist(), coco_seeds=run.coco.evaluation_seed.tolist())
     sources = dict(i2p=run.metrics.source("i2p", s.i2p_csv, run.i2p), coco=run.metrics.source("coco", s.coco_csv, run.coco))
-    return write_run_json(run.out, params, thresholds=dict(detection=NUDENET_THRESHOLD), classes=cls,
+    return write_run_json(run.out, params, model_source=run.model.source, thresholds=dict(detection=NUDENET_THRESHOLD), classes=cls,
                           detector=run.metrics.detector, count_rule="images with >= 1 detection", timings_s=timings,
                           seconds=round(time.time() - run.t_start, 1), evaluator=evaluator_record(run.metrics),
                           prompt_sources=sources)
@@ -240,7 +240,7 @@ def record_study(run: NsfwRun, st: Study) -> Path:
     paths = dict(i2p=run.s.i2p_csv, coco=run.s.coco_csv)
     sources = {name: run.metrics.source(kind, paths[kind], t) for name, (kind, t) in tables.items()}
     seeds = {name: t.evaluation_seed.tolist() for name, (_, t) in tables.items()}
-    return write_run_json(st.out, asdict(st.s), backend=run.metrics.name, evaluator=evaluator_record(run.metrics),
+    return write_run_json(st.out, asdict(st.s), model_source=run.model.source, backend=run.metrics.name, evaluator=evaluator_record(run.metrics),
                           prompt_sources=sources, evaluation_seeds=seeds)
 
 def transfer_tables(run: NsfwRun, st: Study) -> dict[str, pd.DataFrame]:

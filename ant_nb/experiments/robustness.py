@@ -215,7 +215,7 @@ def record_robustness(run: RobustnessRun, erase_seconds: float) -> Path:
     params = asdict(run.s) | dict(dtype=str(run.s.dtype), guidance_scale=run.backend.guidance_scale)
     tasks = {g: d["tasks"].rename(columns=dict(concept_prompt="prompt", target_seed="evaluation_seed"))
              for g, d in run.groups.items()}
-    return write_run_json(run.out, params, seconds=round(time.time() - run.t_start, 1), erase_seconds=erase_seconds,
+    return write_run_json(run.out, params, model_source=run.model.source, seconds=round(time.time() - run.t_start, 1), erase_seconds=erase_seconds,
                           detector=run.backend.detector, groups=list(run.groups),
                           interval="95% Wilson over images (prompts x sampling seeds)",
                           evaluator=evaluator_record(run.backend), concept_detectors=CONCEPT_DETECTORS[run.backend.name],

@@ -93,18 +93,20 @@ class JobStudy:
                 announce=None, # called once the job is known to run here (a progress line)
                ) -> dict:
         """Run one job unless finished; its folder is locked meanwhile (`FolderBusy` if another process holds it). Its
-        record holds `seconds` (wall seconds of the whole job) and `erase_seconds` (of those, the erasure's; the rest is
-        sampling and judging)."""
+        record holds `seconds` (wall seconds of the whole job), `erase_seconds` (of those, the erasure's; the rest is
+        sampling and judging), and `cpu_seconds` / `erase_cpu_seconds`: the same spans in this process's CPU seconds
+        (all its threads), the job's cost in CPU time whatever else shares the cores."""
         with folder_lock(self.out / "runs" / job.slug) as folder:
             if self.scores(job) is None:
                 if announce: announce()
-                t0 = time.time()
+                t0, c0 = time.time(), time.process_time()
                 model = self.erase_job(protocol, job, shared)
-                t1 = time.time()
+                t1, c1 = time.time(), time.process_time()
                 row, per_prompt = self.score_job(protocol, job, model, shared)
                 per_prompt.to_csv(folder / "per_prompt.csv", index=False)
                 record = dict(job=asdict(job), protocol=protocol, **row, seconds=round(time.time() - t0, 1),
-                              erase_seconds=round(t1 - t0, 1), **self.details(job, shared))
+                              erase_seconds=round(t1 - t0, 1), cpu_seconds=round(time.process_time() - c0, 1),
+                              erase_cpu_seconds=round(c1 - c0, 1), **self.details(job, shared))
                 atomic_write_text(folder / "scores.json", json.dumps(record, indent=1))
             return self.scores(job)
 

@@ -19,7 +19,7 @@ __all__ = ['study_results', 'configs', 'outcomes', 'sweep_table', 'test_table', 
            'write_study_tables']
 
 # %% ../../nbs/api/33_studies.report.ipynb #485346aa
-_NOT_SHOWN = ("job", "protocol", "frechet_boot", "seconds", "eval_steps", "erase_seconds")
+_NOT_SHOWN = ("job", "protocol", "frechet_boot", "seconds", "eval_steps", "erase_seconds", "cpu_seconds", "erase_cpu_seconds")
 
 def study_results(study: JobStudy) -> pd.DataFrame:
     "One row per finished job: protocol, the job's columns, its scalar scores and seconds."

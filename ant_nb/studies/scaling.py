@@ -30,18 +30,24 @@ def study_cost(folder: str | Path, # a study folder
     """Jobs, seconds, core-hours and share of the total per split and method, and the study's total (last row);
     `scoring`: the seconds spent sampling and judging, `seconds - scoring` the erasure's. Measured where the job
     recorded `erase_seconds` (`measured` counts those jobs); otherwise estimated as the seconds the original model's job
-    on the same split took (NaN where the split has no original job)."""
+    on the same split took (NaN where the split has no original job). `cpu_seconds`: the jobs' CPU time, which other
+    processes on the same cores do not inflate as they do wall seconds, summed over the `cpu_measured` jobs that
+    recorded it (NaN where none did)."""
     records = job_records(folder)
     df = pd.DataFrame([dict(split=r["split"], method=r["job"]["arm"], seconds=float(r["seconds"]),
-                            erase=float(r.get("erase_seconds", "nan"))) for r in records])
+                            erase=float(r.get("erase_seconds", "nan")), cpu_seconds=float(r.get("cpu_seconds", "nan")))
+                       for r in records])
     original = df[df.method == "original"].groupby("split").seconds.mean()
     df["measured"] = df.erase.notna()
     df["scoring"] = (df.seconds - df.erase).where(df.measured, df.split.map(original).clip(upper=df.seconds))
     by = df.groupby(["split", "method"], sort=True).agg(jobs=("seconds", "size"), seconds=("seconds", "sum"),
                                                         scoring=("scoring", lambda s: s.sum(min_count=1)),
-                                                        measured=("measured", "sum")).reset_index()
+                                                        measured=("measured", "sum"),
+                                                        cpu_seconds=("cpu_seconds", lambda s: s.sum(min_count=1)),
+                                                        cpu_measured=("cpu_seconds", "count")).reset_index()
     total = pd.DataFrame([dict(split="all", method="all", jobs=len(df), seconds=df.seconds.sum(), scoring=df.scoring.sum(),
-                               measured=df.measured.sum())])
+                               measured=df.measured.sum(), cpu_seconds=df.cpu_seconds.sum(min_count=1),
+                               cpu_measured=df.cpu_seconds.count())])
     out = pd.concat([by, total], ignore_index=True)
     return out.assign(hours=(out.seconds / 3600).round(3), share=(out.seconds / df.seconds.sum()).round(3),
                       scoring_share=(out.scoring / out.seconds).round(3))
@@ -51,7 +57,8 @@ def study_summary(folders: list[str | Path], # study folders (`ant_nb.studies.si
                  ) -> pd.DataFrame:
     """Per study: its kind ("nsfw" for the Table 1 study), finished jobs, whether its tables are written (`test.csv`: the
     study completed), core-hours in all and per split, the share of the time spent scoring and for how many jobs that
-    was measured rather than estimated (`study_cost`)."""
+    was measured rather than estimated, and the CPU hours of the `cpu_measured` jobs that recorded their CPU time
+    (`study_cost`)."""
     rows = []
     for f in map(Path, folders):
         if not (f / "settings.json").is_file(): raise FileNotFoundError(f"{str(f)!r} is not a study folder (no settings.json)")
@@ -61,7 +68,8 @@ def study_summary(folders: list[str | Path], # study folders (`ant_nb.studies.si
             cost = study_cost(f)
             total = cost.iloc[-1]
             row |= dict(jobs=int(total.jobs), hours=round(total.seconds / 3600, 2), scoring_share=total.scoring_share,
-                        scoring_measured=int(total.measured),
+                        scoring_measured=int(total.measured), cpu_hours=round(total.cpu_seconds / 3600, 2),
+                        cpu_measured=int(total.cpu_measured),
                         **{f"{k}_hours": round(v / 3600, 2) for k, v in cost[cost.split != "all"].groupby("split").seconds.sum().items()})
         rows.append(row)
     return pd.DataFrame(rows)
