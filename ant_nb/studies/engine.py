@@ -119,11 +119,13 @@ class JobStudy:
             pending = [(p, j) for p, j in self.jobs() if self.scores(j) is None]
             if not pending and self.complete(): return ran
             for p, j in pending:
+                started = [] # whether the job got past its own lock (and was announced)
                 try:
-                    self.run_job(p, j, shared, lambda: log_progress(f"{p}: {j.slug} ({len(pending)} pending)", since))
+                    self.run_job(p, j, shared, lambda: started.append(log_progress(f"{p}: {j.slug} ({len(pending)} pending)", since)))
                     ran += 1
                     break
-                except FolderBusy: continue
+                except FolderBusy: # the job's folder, or a cache it shares with other jobs, is another process's now
+                    if started: log_progress(f"{p}: {j.slug} put back: another process is writing a cache it needs", since)
             else: time.sleep(poll) # every pending job is held by another process
 
 # %% ../../nbs/api/32_studies.engine.ipynb #a630760e
