@@ -119,9 +119,13 @@ class JobStudy:
             pending = [(p, j) for p, j in self.jobs() if self.scores(j) is None]
             if not pending and self.complete(): return ran
             for p, j in pending:
-                started = [] # whether the job got past its own lock (and was announced)
+                started = False # set once the job holds its own folder (and its start is logged)
+                def announce():
+                    nonlocal started
+                    started = True
+                    log_progress(f"{p}: {j.slug} ({len(pending)} pending)", since)
                 try:
-                    self.run_job(p, j, shared, lambda: started.append(log_progress(f"{p}: {j.slug} ({len(pending)} pending)", since)))
+                    self.run_job(p, j, shared, announce)
                     ran += 1
                     break
                 except FolderBusy: # the job's folder, or a cache it shares with other jobs, is another process's now
