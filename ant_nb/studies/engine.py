@@ -119,11 +119,8 @@ class JobStudy:
             pending = [(p, j) for p, j in self.jobs() if self.scores(j) is None]
             if not pending and self.complete(): return ran
             for p, j in pending:
-                started = False # set once the job holds its own folder (and its start is logged)
-                def announce():
-                    nonlocal started
-                    started = True
-                    log_progress(f"{p}: {j.slug} ({len(pending)} pending)", since)
+                started = [] # filled once the job holds its own folder and its start is logged
+                def announce(): started.append(j); log_progress(f"{p}: {j.slug} ({len(pending)} pending)", since)
                 try:
                     self.run_job(p, j, shared, announce)
                     ran += 1
